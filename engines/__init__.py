@@ -1,0 +1,1 @@
+"""TensorRT engines built from an export directory, with the linear-attention plugin."""
