@@ -1,0 +1,86 @@
+"""``linfusion-export``: turn a LinFusion pipeline into an export directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="linfusion-export",
+        description="Export a LinFusion pipeline to ONNX (dynamic batch, height and width).")
+    p.add_argument("--model", required=True,
+                   help="preset (sd15, sd21, sdxl, tiny-sd, tiny-sdxl), local diffusers folder, or hub id")
+    p.add_argument("--linfusion", help="LinFusion checkpoint: local folder or hub id "
+                                       "(default: the official one for the base model)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the preset's real architecture offline with seeded random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    p.add_argument("--revision", help="hub revision of the base model")
+    p.add_argument("--output", required=True, help="export directory to create")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder (default: all)")
+    p.add_argument("--skip-parity", action="store_true",
+                   help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
+    p.add_argument("--offline", action="store_true", help="use only the local hub cache")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--verbose", action="store_true", help="show library warnings and exporter logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+    from linfusion.hub import ModelSourceError
+    from linfusion.mount import CheckpointMismatchError
+
+    from .exporter import PRECISIONS, ExportError, available_components, export_pipeline
+    from .onnx_file import SUPPORTED_OPSETS, ExportCheckError
+
+    # Cheap argument checks first, before any model is loaded.
+    if args.opset not in SUPPORTED_OPSETS:
+        return fail(f"unsupported opset {args.opset}; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    components = [c.strip() for c in args.components.split(",")] if args.components else None
+    if components:
+        unknown = sorted(set(components) - set(available_components(True)))
+        if unknown:
+            return fail(f"unknown component(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join(available_components(True))}")
+    from pathlib import Path
+    if Path(args.output).exists() and not args.force:
+        return fail(f"{args.output} already exists; pass --force to replace it")
+
+    from linfusion.loader import load_pipeline
+
+    start = time.perf_counter()
+    try:
+        print(f"loading {args.model} ...", flush=True)
+        loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
+                               dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
+                               local_files_only=args.offline)
+        print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
+              f"({args.precision}, opset {args.opset})", flush=True)
+        export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
+                        args.skip_parity, progress=lambda line: print(line, flush=True))
+    except (ModelSourceError, CheckpointMismatchError, ExportError, ExportCheckError) as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written")
+    print(f"done in {time.perf_counter() - start:.1f}s: {args.output}")
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"linfusion-export: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Export a LinFusion pipeline into an export directory: the contract read by engines and runtime.
+
+Everything is written into a temporary sibling folder and renamed into place only after every
+component passed its checks, so a failed or interrupted export never leaves a directory that
+looks valid.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linfusion.loader import LoadedPipeline
+from linfusion.runtime.manifest import MANIFEST_NAME, ComponentSpec, Manifest, file_records
+
+from . import onnx_file
+from .components import Component, text_encoder_component, unet_component, vae_components
+from .parity import check_parity
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+SD_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+class ExportError(RuntimeError):
+    """A user-facing export failure; the message is one line."""
+
+
+def available_components(xl: bool) -> tuple[str, ...]:
+    return XL_COMPONENTS if xl else SD_COMPONENTS
+
+
+def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
+                    components: list[str] | None = None, force: bool = False, skip_parity: bool = False,
+                    progress: Callable[[str], None] = print) -> Manifest:
+    """Trace, check and package every requested component of ``loaded`` into ``output``."""
+    output = Path(output)
+    if precision not in PRECISIONS:
+        raise ExportError(f"unsupported precision '{precision}'; choose fp32 or fp16")
+    if opset not in onnx_file.SUPPORTED_OPSETS:
+        raise ExportError(f"unsupported opset {opset}; choose {onnx_file.SUPPORTED_OPSETS.start}"
+                          f"..{onnx_file.SUPPORTED_OPSETS.stop - 1}")
+    names = components or list(available_components(loaded.is_xl))
+    unknown = sorted(set(names) - set(available_components(loaded.is_xl)))
+    if unknown:
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has "
+                          f"{', '.join(available_components(loaded.is_xl))}")
+    if output.exists() and not force:
+        raise ExportError(f"{output} already exists; pass --force to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
+        _replace_directory(staging, output)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"disk full while writing into {output.parent} "
+                              f"({onnx_file.free_bytes(output.parent) >> 20} MiB free)") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: int, names: list[str],
+                 skip_parity: bool, progress: Callable[[str], None]) -> Manifest:
+    pipe = loaded.pipeline
+    dtype = PRECISIONS[precision]
+    latent_multiple = 2 ** pipe.unet.num_upsamplers
+    vae_dtype = dtype
+    if dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
+        vae_dtype = torch.float32  # SD-XL's VAE overflows in fp16 unless it is a fixed fp16 VAE
+        progress("vae: force_upcast is set, so the VAE stays fp32")
+    pipe.to(dtype=dtype)
+    pipe.vae.to(dtype=vae_dtype)
+
+    specs: dict[str, ComponentSpec] = {}
+    parity: dict[str, Any] = {}
+    for index, component in enumerate(_components(pipe, loaded.is_xl, latent_multiple, dtype, vae_dtype, names)):
+        label = f"[{index + 1}/{len(names)}] {component.name}"
+        start = time.perf_counter()
+        progress(f"{label}: tracing ...")
+        model, routed = onnx_file.trace(component, opset)
+        nodes = onnx_file.finish(model, opset)
+        if nodes != routed:
+            raise ExportError(f"{component.name}: {routed} LinFusion layers but {nodes} LinearAttention "
+                              f"nodes in the graph")
+        target = folder / component.name / "model.onnx"
+        target.parent.mkdir(parents=True)
+        external = onnx_file.save(model, target)
+        del model
+        onnx_file.check(target)
+        traced = time.perf_counter() - start
+        precision_name = "fp32" if component.dtype == torch.float32 else precision
+        if skip_parity:
+            parity[component.name] = {"skipped": True}
+            progress(f"{label}: exported in {traced:.1f}s (parity skipped)")
+        else:
+            result = check_parity(component, target, precision_name)
+            parity[component.name] = result.to_dict()
+            progress(f"{label}: exported in {traced:.1f}s; parity {result.summary()}")
+            if not result.passed:
+                raise ExportError(f"parity check failed: {result.summary()}")
+        specs[component.name] = ComponentSpec(
+            f"{component.name}/model.onnx", precision_name, component.inputs, component.outputs,
+            external and f"{component.name}/{external}", nodes)
+
+    _save_tokenizers(pipe, folder)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    pipe.save_config(folder)
+    manifest = Manifest(
+        source=loaded.provenance(), precision=precision, opset=opset,
+        pipeline=_pipeline_facts(pipe, loaded.is_xl, latent_multiple),
+        components=specs, tools=_tool_versions(), parity=parity)
+    manifest.files = file_records(folder)
+    (folder / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def _components(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype, vae_dtype: torch.dtype,
+                names: list[str]) -> list[Component]:
+    built: list[Component] = []
+    for name in names:
+        if name.startswith("text_encoder"):
+            built.append(text_encoder_component(name, getattr(pipe, name), dtype))
+        elif name == "unet":
+            built.append(unet_component(pipe, xl, latent_multiple, dtype))
+        else:
+            built.append(next(c for c in vae_components(pipe.vae, latent_multiple, vae_dtype) if c.name == name))
+    return built
+
+
+def _save_tokenizers(pipe, folder: Path) -> None:
+    """tokenizer.json for the `tokenizers` library, plus CLIP's vocab.json and merges.txt."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None:
+            continue
+        target = folder / name
+        tokenizer.save_pretrained(target)
+        model = json.loads((target / "tokenizer.json").read_text("utf-8"))["model"]
+        (target / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), "utf-8")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (target / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", "utf-8")
+        special = {key: str(getattr(tokenizer, key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        (target / "special_tokens_map.json").write_text(json.dumps(special, indent=2), "utf-8")
+
+
+def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> dict[str, Any]:
+    vae_config = pipe.vae.config
+    facts = {
+        "kind": "sdxl" if xl else "sd",
+        "pipeline_class": type(pipe).__name__,
+        "latent_channels": pipe.unet.config.in_channels,
+        "latent_multiple": latent_multiple,
+        "vae_scale_factor": 2 ** (len(vae_config.block_out_channels) - 1),
+        "vae_scaling_factor": vae_config.scaling_factor,
+        "vae_shift_factor": getattr(vae_config, "shift_factor", None),
+        "vae_force_upcast": bool(vae_config.get("force_upcast", False)),
+        "default_size": pipe.unet.config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1),
+        "text_length": 77,
+        "text_encoders": ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"],
+    }
+    if xl:
+        facts["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+        facts["requires_aesthetics_score"] = bool(pipe.config.get("requires_aesthetics_score", False))
+        facts["addition_time_embed_dim"] = pipe.unet.config.addition_time_embed_dim
+    return facts
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("linfusion-deploy", "torch", "diffusers", "transformers", "onnx", "onnxscript",
+                    "onnx-ir", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _replace_directory(staging: Path, output: Path) -> None:
+    """Rename into place; an existing output (with --force) is moved aside first, then deleted."""
+    if output.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        output.rename(trash / output.name)
+        staging.rename(output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(output)
+
