@@ -19,6 +19,8 @@ def parser() -> argparse.ArgumentParser:
                                        "(default: the official one for the base model)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the preset's real architecture offline with seeded random weights")
+    p.add_argument("--vae", help="replacement VAE (folder or hub id), e.g. a fixed fp16 SD-XL VAE; "
+                                 "one without force_upcast is exported in fp16")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
     p.add_argument("--revision", help="hub revision of the base model")
     p.add_argument("--output", required=True, help="export directory to create")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {args.model} ...", flush=True)
         loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
                                dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
-                               local_files_only=args.offline)
+                               local_files_only=args.offline, vae=args.vae)
         print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
               f"({args.precision}, opset {args.opset})", flush=True)
         export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,

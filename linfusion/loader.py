@@ -32,6 +32,7 @@ class LoadedPipeline:
     linfusion_revision: str | None
     random_weights: bool
     preset: Preset | None = None
+    vae_source: str | None = None
 
     @property
     def is_xl(self) -> bool:
@@ -41,24 +42,24 @@ class LoadedPipeline:
         return {"model": self.model, "preset": self.preset.name if self.preset else None,
                 "base_model": self.base_model, "base_revision": self.base_revision,
                 "linfusion": self.linfusion_source, "linfusion_revision": self.linfusion_revision,
-                "random_weights": self.random_weights}
+                "random_weights": self.random_weights, "vae": self.vae_source}
 
 
 def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool = False,
                   dtype: Any = None, seed: int = 0, revision: str | None = None,
-                  local_files_only: bool = False) -> LoadedPipeline:
+                  local_files_only: bool = False, vae: str | None = None) -> LoadedPipeline:
     """Load ``model`` and mount LinFusion on its UNet.
 
     ``linfusion`` overrides the checkpoint (hub id or folder); without it a preset or an
     official base model gets its official checkpoint, and random-weight builds get a seeded
-    from-scratch LinFusion.
+    from-scratch LinFusion. ``vae`` replaces the pipeline's VAE (e.g. a fixed fp16 SD-XL VAE).
     """
     import torch
 
     dtype = dtype or torch.float32
     preset = PRESETS.get(model)
     if preset is not None and (random_weights or preset.is_tiny):
-        pipe = build_random_pipeline(preset, seed, local_files_only=True)
+        pipe = build_random_pipeline(preset, seed, local_files_only=True, dtype=dtype)
         loaded = LoadedPipeline(pipe, None, model, preset.base_model, None, None, None, True, preset)
     elif preset is not None:
         loaded = _from_pretrained(preset.base_model, revision, local_files_only, model, dtype)
@@ -73,6 +74,9 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
         raise ModelSourceError(f"unknown model '{model}': not a preset ({', '.join(PRESETS)}), "
                                f"a local folder, or a hub id such as owner/name")
 
+    if vae is not None:
+        loaded.pipeline.vae = load_vae(vae, dtype, local_files_only)
+        loaded.vae_source = vae
     unet = loaded.pipeline.unet
     if linfusion is None and loaded.random_weights:
         with torch.random.fork_rng(devices=[]):
@@ -82,8 +86,6 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
         source = linfusion or official_checkpoint_for(model)
         lf = LinFusion.from_pretrained(source, local_files_only=local_files_only)
         loaded.linfusion_source, loaded.linfusion_revision = lf.source, lf.revision
-    if loaded.random_weights and dtype != torch.float32:
-        loaded.pipeline.to(dtype=dtype)
     lf.mount(unet)
     loaded.linfusion = lf
     return loaded
@@ -122,3 +124,16 @@ def _from_pretrained(source: str, revision: str | None, local_files_only: bool, 
         raise ModelSourceError(f"cannot load the pipeline '{source}': {str(exc).splitlines()[0]}; "
                                f"{OFFLINE_HINT}") from exc
     return LoadedPipeline(pipe, None, model, index_file.source, index_file.revision, None, None, False)
+
+
+def load_vae(source: str, dtype: Any, local_files_only: bool = False):
+    """An AutoencoderKL from a folder or hub id (safetensors only)."""
+    from diffusers import AutoencoderKL
+
+    files = resolve_files(source, ["config.json", "diffusion_pytorch_model.safetensors"],
+                          local_files_only=local_files_only)
+    try:
+        return AutoencoderKL.from_pretrained(str(files.paths["config.json"].parent), torch_dtype=dtype,
+                                             use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the VAE '{source}': {str(exc).splitlines()[0]}") from exc

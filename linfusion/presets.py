@@ -72,12 +72,13 @@ def get_preset(name: str) -> Preset:
 
 
 def build_random_pipeline(preset: Preset, seed: int = 0, local_files_only: bool = True,
-                          device: str = "cpu"):
+                          device: str = "cpu", dtype: Any = None):
     """The preset's pipeline at its real architecture, with seeded random weights (no LinFusion yet).
 
     Each component is seeded on its own (seed + fixed offset) so that its weights do not depend
     on which other components were built first. ``device="meta"`` builds the architecture
-    without allocating weights, for counting parameters of the real-size models.
+    without allocating weights, for counting parameters of the real-size models. Each component
+    is cast to ``dtype`` as soon as it is built, so only one is ever held in float32.
     """
     import diffusers
     import torch
@@ -99,6 +100,8 @@ def build_random_pipeline(preset: Preset, seed: int = 0, local_files_only: bool 
                 config = transformers.CLIPTextConfig.from_json_file(str(preset.config_path(name, "config.json")))
                 components[name] = cls(config)
         components[name].eval()
+        if dtype is not None:
+            components[name].to(dtype=dtype)
     for name in ("tokenizer", "tokenizer_2"):
         if name in index:
             components[name] = load_tokenizer(preset, name, local_files_only)

@@ -207,3 +207,20 @@ def test_tampered_export_is_detected(exported, tmp_path):
         f.write(b"0123456789")
     with pytest.raises(ManifestError, match="checksum mismatch for vae_decoder/model.onnx"):
         load_manifest(copy)
+
+
+def test_fixed_fp16_vae_is_exported_in_fp16(tmp_path):
+    """SD-XL's VAE stays fp32 in fp16 exports, unless the user passes a VAE without force_upcast."""
+    from diffusers import AutoencoderKL
+
+    from linfusion.export.exporter import PRECISIONS
+    from linfusion.presets import get_preset
+
+    config = {**get_preset("tiny-sdxl").read_config("vae", "config.json"), "force_upcast": False}
+    torch.manual_seed(0)
+    AutoencoderKL.from_config(config).save_pretrained(tmp_path / "fixed-vae", safe_serialization=True)
+    loaded = load_pipeline("tiny-sdxl", dtype=PRECISIONS["fp16"], vae=str(tmp_path / "fixed-vae"))
+    manifest = export_pipeline(loaded, tmp_path / "out", "fp16", components=["vae_decoder"],
+                               progress=lambda line: None)
+    assert manifest.components["vae_decoder"].precision == "fp16"
+    assert manifest.source["vae"] == str(tmp_path / "fixed-vae")
