@@ -1,0 +1,33 @@
+"""Choosing a backend: TensorRT engines when present and importable, else ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Backend
+from .onnxruntime import OnnxRuntimeBackend
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run this export here."""
+
+
+def load_backend(name: str, export_dir: Path, providers: list[str] | None = None,
+                 intra_op_threads: int = 0) -> Backend:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    if name in ("auto", "tensorrt"):
+        try:
+            from .tensorrt import TensorRTBackend
+        except ImportError as exc:
+            if name == "tensorrt":
+                raise BackendError(f"the TensorRT backend is unavailable: {exc}") from exc
+        else:
+            if TensorRTBackend.is_available(export_dir):
+                return TensorRTBackend()
+            if name == "tensorrt":
+                raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
+                                   f"`linfusion-build {export_dir}` on a machine with TensorRT")
+    return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads)
