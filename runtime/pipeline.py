@@ -135,6 +135,7 @@ class Pipeline:
         if request.init_image is not None:
             timesteps, latents = self._img2img_latents(request, sched, generator, tiling)
         else:
+            sched.set_begin_index(0)  # as diffusers' SD-XL does; safe with repeated Karras timesteps
             shape = self._latent_shape(request)
             noise = request.latents if request.latents is not None else generator.randn(shape)
             latents = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
@@ -147,7 +148,7 @@ class Pipeline:
             u0 = time.perf_counter()
             noise_pred = self._predict_noise(model_input, t, negative, positive, request)
             unet_time += time.perf_counter() - u0
-            step_noise = generator.randn(latents.shape) if sched.needs_noise else None
+            step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
             if callback is not None:
                 callback(i + 1, len(timesteps))
