@@ -117,7 +117,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
             external and f"{component.name}/{external}", nodes)
 
     _save_tokenizers(pipe, folder)
-    pipe.scheduler.save_pretrained(folder / "scheduler")
+    _save_scheduler_config(pipe.scheduler, folder / "scheduler")
     pipe.save_config(folder)
     manifest = Manifest(
         source=loaded.provenance(), precision=precision, opset=opset,
@@ -155,6 +155,21 @@ def _save_tokenizers(pipe, folder: Path) -> None:
         (target / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", "utf-8")
         special = {key: str(getattr(tokenizer, key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
         (target / "special_tokens_map.json").write_text(json.dumps(special, indent=2), "utf-8")
+
+
+def _save_scheduler_config(scheduler, folder: Path) -> None:
+    """The scheduler config as the model ships it: keys the file left out stay out.
+
+    diffusers fills missing keys with the class's defaults and lists them in
+    ``_use_default_values``; switching scheduler class (PNDM -> Euler) then uses the new class's
+    defaults. Writing the filled-in values would freeze PNDM's defaults into every scheduler.
+    """
+    config = dict(scheduler.config)
+    defaults = set(config.pop("_use_default_values", []))
+    config = {key: value for key, value in config.items() if key not in defaults}
+    config["_class_name"] = type(scheduler).__name__
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> dict[str, Any]:

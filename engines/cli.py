@@ -1,0 +1,67 @@
+"""``linfusion-build DIR``: TensorRT engines for every component of an export directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from linfusion.runtime.manifest import ManifestError, load_manifest
+
+from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linfusion-build", description=__doc__)
+    p.add_argument("export_dir", type=Path, help="an export directory made by linfusion-export")
+    p.add_argument("--output", type=Path, help="engines directory (default: EXPORT_DIR/engines)")
+    p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels (default 512)")
+    p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for (default 1024)")
+    p.add_argument("--max-size", type=int, default=2048, help="largest image side in pixels (default 2048)")
+    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each)")
+    p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
+                   "UNet range is doubled for classifier-free guidance")
+    p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
+                   help="fused linear-attention plugin (auto: on with TensorRT >= 10.9)")
+    p.add_argument("--timing-cache", type=Path, help="timing cache to reuse and update "
+                   "(default: OUTPUT/timing.cache)")
+    p.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="N",
+                   help="builder optimization level 0-5 (default 3)")
+    p.add_argument("--refittable", action="store_true", help="build refittable engines (LoRA swaps)")
+    p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"linfusion-build: error: {message}", file=sys.stderr)
+        return 1
+
+    try:
+        manifest = load_manifest(args.export_dir)
+        multiple = manifest.pixel_multiple
+        spatial = spatial_profiles(multiple, sizes=parse_sizes(args.sizes)) if args.sizes else spatial_profiles(
+            multiple, args.min_size, args.opt_size, args.max_size)
+        batch = parse_batch(args.batch)
+    except (ManifestError, ProfileError) as exc:
+        return fail(str(exc))
+    from .builder import BuildError, BuildOptions, TensorRTMissing, build_all
+
+    output = args.output or args.export_dir / "engines"
+    options = BuildOptions(spatial=spatial, batch=batch, output=output, plugin=args.plugin,
+                           timing_cache=args.timing_cache or output / "timing.cache",
+                           optimization_level=args.optimization_level, refittable=args.refittable,
+                           components=[c.strip() for c in args.components.split(",")] if args.components else None)
+    try:
+        build_all(args.export_dir, options, log=lambda line: print(line, flush=True))
+    except (TensorRTMissing, BuildError, ValueError, OSError) as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        return fail("interrupted; engines already renamed into place are complete, the rest were not written")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

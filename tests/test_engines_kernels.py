@@ -1,0 +1,265 @@
+"""The linear-attention CUDA kernels, checked without a GPU.
+
+* nvcc compiles the generated translation unit (every dtype x head dim) to PTX for sm_80,
+  sm_86, sm_89 and sm_90, and to cubin with no register spills (``-Xptxas -v``);
+* NVRTC (cuda-python) compiles it to PTX with the entry points the plugins name (skipped
+  when cuda-python is absent);
+* the same kernel source is compiled as host C++ with a small shim (one std::thread per CUDA
+  thread, a std::barrier for __syncthreads, blocks run one after another), launched with the
+  grids from ``linfusion.engines.kernels``, and compared with a float64 numpy reference. That
+  checks indexing, tiling, split and bounds logic and the dtype conversions on the CPU; the
+  real-GPU check is benchmarks/gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import ml_dtypes
+import numpy as np
+import pytest
+from linfusion.engines import kernels as K
+
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
+
+
+def reference(q, k, v, heads, eps):
+    """float64 LinFusion linear attention on [B, N, H*d] (independent of the kernels)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    b, n, c = q.shape
+    d = c // heads
+
+    def split(x):
+        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
+
+    def phi(x):
+        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+    pq, pk, vv = phi(split(q)), phi(split(k)), split(v)
+    kv = pk.transpose(0, 1, 3, 2) @ vv / n
+    z = pq @ pk.mean(axis=2)[..., None] + eps
+    out = (pq @ kv) / z
+    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+# --- nvcc -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def all_source():
+    return K.kernel_source(K.all_variants())
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiles_to_ptx_and_cubin_without_spills(all_source, arch):
+    ptx, _ = K.nvcc_compile(all_source, arch, "ptx")
+    entries = set(K.ptx_entries(ptx))
+    expected = {K.state_kernel(dt, d) for dt, d in K.all_variants()} | {
+        K.apply_kernel(dt, d) for dt, d in K.all_variants()} | {K.REDUCE_KERNEL}
+    assert expected <= entries, f"missing entry points: {sorted(expected - entries)}"
+    _, log = K.nvcc_compile(all_source, arch, "cubin", ["-Xptxas", "-v"])
+    reports = K.parse_ptxas(log)
+    assert expected <= set(reports), "ptxas -v did not report every kernel"
+    for name in expected:
+        r = reports[name]
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{name} spills on {arch}: {r}"
+        assert r.registers > 0
+        assert r.smem <= 48 * 1024, f"{name} uses {r.smem} bytes of static shared memory"
+
+
+def test_parse_ptxas_reads_spills():
+    log = """ptxas info    : Compiling entry function 'foo' for 'sm_90'
+ptxas info    : Function properties for foo
+    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 48 registers, used 1 barriers, 25600 bytes smem, 400 bytes cmem[0]
+"""
+    r = K.parse_ptxas(log)["foo"]
+    assert (r.registers, r.spill_stores, r.spill_loads, r.smem) == (48, 12, 8, 25600)
+
+
+def test_tiling_fits_shared_memory_and_block_limits():
+    for d in (*K.STANDARD_HEAD_DIMS, 1, 7, 96, 128, 200, 256):
+        t = K.tiling(d)
+        assert t.state_smem <= 48 * 1024 and t.apply_smem <= 48 * 1024
+        assert t.state_threads <= 1024 and t.apply_threads <= 1024
+        assert t.state_cols % 4 == 0 and t.apply_cols % 4 == 0 and t.apply_tokens % 4 == 0
+        assert t.state_threads >= t.padded, "the phi(k) sum needs one thread per padded row"
+        assert t.state_col_tiles * t.state_cols >= d and t.apply_col_tiles * t.apply_cols >= d
+    with pytest.raises(ValueError):
+        K.tiling(257)
+
+
+def test_splits_and_grids():
+    t = K.tiling(64)
+    assert K.num_splits(64, 1, 8, t) == 1
+    assert K.num_splits(4096, 1, 8, t) == 16  # min(4096/256, 1024/8)
+    assert K.num_splits(262144 + 77, 1, 8, t) == 128  # capped by the block target
+    assert K.num_splits(262144, 2, 10, t) == 52
+    launch = K.apply_launch(1000, 2, 3, K.tiling(160))
+    assert launch.grid == (32 * 4, 6, 1) and launch.block == (80, 1, 1)
+    assert K.reduce_launch(2, 3, 64 * 65).grid == (-(-64 * 65 // 256), 6, 1)
+    assert K.eps_bits(1e-4) == np.array([1e-4], np.float32).view(np.int32)[0]
+
+
+def test_nvrtc_compiles_entry_points():
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python (NVRTC) is not installed")
+    try:
+        ptx = K.compile_ptx(K.kernel_source([("float16", 64), ("bfloat16", 40)]), "compute_80")
+    except K.KernelCompileError as exc:
+        if "libnvrtc" in str(exc).lower() or "not found" in str(exc).lower():
+            pytest.skip(f"NVRTC library unavailable: {exc}")
+        raise
+    assert {K.state_kernel("float16", 64), K.apply_kernel("bfloat16", 40), K.REDUCE_KERNEL} <= set(K.ptx_entries(ptx))
+
+
+def test_nvrtc_reports_compile_errors():
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python (NVRTC) is not installed")
+    with pytest.raises(K.KernelCompileError, match="error"):
+        K.compile_ptx("extern \"C\" __global__ void broken( { }", "compute_80")
+
+
+# --- host emulation ---------------------------------------------------------------------------
+
+SHIM = r"""
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+#define LINFUSION_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+struct float4 { float x, y, z, w; };
+static thread_local dim3 threadIdx;
+static dim3 blockIdx, gridDim, blockDim;
+static std::barrier<>* linfusion_emu_barrier = nullptr;
+static inline void __syncthreads() { linfusion_emu_barrier->arrive_and_wait(); }
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+static inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+static inline float linfusion_host_half_to_float(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
+static inline unsigned short linfusion_host_float_to_half(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
+static void linfusion_emu_launch(unsigned gx, unsigned gy, unsigned bx, const std::function<void()>& body) {
+    gridDim = {gx, gy, 1}; blockDim = {bx, 1, 1};
+    for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
+        blockIdx = {x, y, 0};
+        std::barrier<> bar((std::ptrdiff_t)bx);
+        linfusion_emu_barrier = &bar;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < bx; ++t) threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
+        for (auto& th : threads) th.join();
+    }
+}
+"""
+
+
+def _host_wrappers(variants):
+    lines = ['extern "C" void host_reduce(const float* p, int s, int e, float* out, unsigned gx, unsigned gy, unsigned bx)'
+             ' { linfusion_emu_launch(gx, gy, bx, [&] { linfusion_la_reduce(p, s, e, out); }); }']
+    for dtype, d in variants:
+        io = K.IO_TRAITS[dtype]
+        st, ap = K.state_kernel(dtype, d), K.apply_kernel(dtype, d)
+        lines.append(f'extern "C" void host_{st}(const void* k, const void* v, int n, int h, float* p, unsigned gx, '
+                     f'unsigned gy, unsigned bx) {{ linfusion_emu_launch(gx, gy, bx, [&] {{ {st}((const {io}::T*)k, '
+                     f'(const {io}::T*)v, n, h, p); }}); }}')
+        lines.append(f'extern "C" void host_{ap}(const void* q, const float* s, int n, int h, int eps, void* o, '
+                     f'unsigned gx, unsigned gy, unsigned bx) {{ linfusion_emu_launch(gx, gy, bx, [&] {{ {ap}('
+                     f'(const {io}::T*)q, s, n, h, eps, ({io}::T*)o); }}); }}')
+    return "\n".join(lines) + "\n"
+
+
+HOST_VARIANTS = [(dt, d) for dt in K.DTYPES for d in K.STANDARD_HEAD_DIMS] + [("float32", 6)]
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not on PATH")
+    tmp = tmp_path_factory.mktemp("host-kernels")
+    src = tmp / "host.cpp"
+    src.write_text(SHIM + K.kernel_source(HOST_VARIANTS) + _host_wrappers(HOST_VARIANTS))
+    lib = tmp / "libhost.so"
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(src)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def run_host(lib, q, k, v, heads, eps, dtype):
+    """Launch state -> reduce -> apply exactly as the plugins do; outputs poisoned first."""
+    b, n, c = q.shape
+    d = c // heads
+    t = K.tiling(d)
+    s = K.num_splits(n, b, heads, t)
+    partials = np.full((b, heads, s, d, d + 1), np.nan, np.float32)
+    state = np.full((b, heads, d, d + 1), np.nan, np.float32)
+    out = np.full(q.shape, np.nan, NP_DTYPE[dtype])
+    ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
+    g = K.state_launch(s, b, heads, t)
+    getattr(lib, f"host_{K.state_kernel(dtype, d)}")(ptr(k), ptr(v), n, heads, ptr(partials), g.grid[0], g.grid[1], g.block[0])
+    g = K.reduce_launch(b, heads, t.state_elements)
+    lib.host_reduce(ptr(partials), s, t.state_elements, ptr(state), g.grid[0], g.grid[1], g.block[0])
+    g = K.apply_launch(n, b, heads, t)
+    getattr(lib, f"host_{K.apply_kernel(dtype, d)}")(ptr(q), ptr(state), n, heads, K.eps_bits(eps), ptr(out),
+                                                     g.grid[0], g.grid[1], g.block[0])
+    return out, state
+
+
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+CASES = [(dtype, d, heads, batch, tokens) for dtype in K.DTYPES
+         for d, heads, batch, tokens in [(40, 2, 1, 300), (64, 1, 2, 517), (80, 2, 1, 97), (160, 1, 2, 65)]]
+CASES.append(("float32", 6, 3, 1, 40))  # an odd head dim, built for float32 only
+
+
+@pytest.mark.parametrize("dtype,d,heads,batch,tokens", CASES)
+def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, tokens):
+    rng = np.random.default_rng(d * 1000 + tokens)
+    q, k, v = (rng.standard_normal((batch, tokens, heads * d)).astype(NP_DTYPE[dtype]) for _ in range(3))
+    eps = 1e-4
+    out, state = run_host(host_lib, q, k, v, heads, eps, dtype)
+    ref = reference(q, k, v, heads, eps)
+    got = out.astype(np.float64)
+    assert np.isfinite(got).all(), "some outputs were never written (poison survived)"
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= TOLERANCE[dtype], f"max rel error {err:.2e} for {dtype} d={d}"
+    # the state itself: kv | mean, float32, against float64
+    kf, vf = (np.asarray(x, np.float64).reshape(batch, tokens, heads, d).transpose(0, 2, 1, 3) for x in (k, v))
+    pk = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
+    want = np.concatenate([pk.transpose(0, 1, 3, 2) @ vf / tokens, pk.mean(axis=2)[..., None]], axis=-1)
+    assert np.abs(state - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_host_emulated_kernels_are_deterministic(host_lib):
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 700, 128)).astype(np.float32) for _ in range(3))
+    a, _ = run_host(host_lib, q, k, v, 2, 1e-4, "float32")
+    b, _ = run_host(host_lib, q, k, v, 2, 1e-4, "float32")
+    assert np.array_equal(a, b)
+
+
+@needs_nvcc
+def test_gpu_check_dry_run_compiles_and_checks_plumbing():
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "argument lists match the plugins" in proc.stdout
