@@ -1,8 +1,6 @@
 import hashlib
 import json
-from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch

@@ -2,26 +2,17 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:
-                raise ImportError(f'{name} is blocked in this test')
-    sys.meta_path.insert(0, Block())
-""")
-
+from torchless import run_without_torch
 
 def run(code):
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
+    return run_without_torch(code, timeout=120)
 
 
 def test_package_and_runtime_import_without_torch():
     result = run("""
         import linfusion, linfusion.runtime
         assert linfusion.__version__
-        assert not any(m.split('.')[0] in {'torch', 'diffusers', 'transformers'} for m in sys.modules)
+        assert_torch_free()
         print('ok')
     """)
     assert result.returncode == 0, result.stderr

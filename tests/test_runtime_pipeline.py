@@ -1,8 +1,5 @@
 """The torch-free runtime against diffusers' pipelines with the same weights and LinFusion."""
 
-import subprocess
-import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -11,6 +8,7 @@ import torch
 from PIL import Image
 
 from linfusion import load_pipeline
+from torchless import run_without_torch
 
 PRESETS = ["tiny-sd", "tiny-sdxl"]
 PROMPT = "a watercolor painting of a fox in the snow"
@@ -169,26 +167,15 @@ def test_fp16_export_generates_close_to_fp32(runtime):
     assert np.isfinite(fp16).all() and psnr(fp16, fp32) >= 30
 
 
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:
-                raise ImportError(f'{name} is blocked in this test')
-    sys.meta_path.insert(0, Block())
-""")
-
-
 def test_whole_generation_without_torch(exported, tmp_path):
-    code = BLOCKER + textwrap.dedent(f"""
+    result = run_without_torch(f"""
         from linfusion.runtime.cli import main
         code = main([{str(exported("tiny-sdxl"))!r}, "--prompt", "a red apple", "--steps", "3",
                      "--height", "64", "--width", "96", "--seed", "9", "--output", {str(tmp_path / "a.png")!r}])
         assert code == 0, code
-        assert not any(m.split('.')[0] in {{'torch', 'diffusers', 'transformers'}} for m in sys.modules)
+        assert_torch_free()
         print("torch-free ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch-free ok" in result.stdout and "UNet" in result.stdout
     assert Image.open(tmp_path / "a.png").size == (96, 64)

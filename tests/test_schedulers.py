@@ -5,14 +5,13 @@ to both) and, for the stochastic samplers, the same torch-generated noise stream
 """
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import diffusers
 import numpy as np
 import pytest
 import torch
+from torchless import run_without_torch
+
 from linfusion.runtime.schedulers import (
     SCHEDULERS,
     DPMSolverMultistepScheduler,
@@ -401,13 +400,7 @@ def test_registry_names():
 
 
 def test_schedulers_import_without_torch():
-    blocker = textwrap.dedent("""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:
-                    raise ImportError(f'{name} is blocked in this test')
-        sys.meta_path.insert(0, Block())
+    result = run_without_torch("""
         import numpy as np
         from linfusion.runtime.schedulers import SCHEDULERS, make_scheduler
         for name in SCHEDULERS:
@@ -416,10 +409,8 @@ def test_schedulers_import_without_torch():
             x = np.ones((1, 4, 2, 2), np.float32)
             for t in s.timesteps:
                 x = s.step(s.scale_model_input(x, t), t, x, noise=np.zeros_like(x))
-        assert not any(m.split('.')[0] in {'torch', 'diffusers', 'transformers'} for m in sys.modules)
+        assert_torch_free()
         print('ok')
     """)
-    result = subprocess.run([sys.executable, "-c", blocker], check=False, capture_output=True, text=True,
-                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
