@@ -1,8 +1,9 @@
-"""Comparing an exported component with its PyTorch module on the same seeded inputs.
+"""The export's parity check: one component, one size, through the validation comparison code.
 
-The parity run uses a size different from the trace size and batch 2, so a scale or shape
-frozen at trace time shows up as a mismatch. Tolerances are per precision and measured, not
-guessed: see docs/performance.md ("Export parity").
+``linfusion-export`` calls ``check_parity`` at a size different from the trace size and batch 2,
+so a scale or shape frozen at trace time shows up as a mismatch. Inputs, the ONNX Runtime run
+(a polygraphy runner) and the comparison are the ones ``linfusion-validate`` uses, and the
+bounds are its per-precision table (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ import numpy as np
 import torch
 
 from .components import Component
+from .validation.backends import run_runner
+from .validation.compare import OutputMetrics, compare_outputs
+from .validation.tolerances import TOLERANCES as VALIDATION_TOLERANCES
+from .validation.tolerances import tolerance_for
 
-# Max relative error = max|ort - torch| / max|torch|, per output.
-# fp32: the issue's bound. fp16: ORT's fp16 kernels against PyTorch fp16 on CPU differ in
-# accumulation order; measured up to ~2e-3 on the tiny presets, bound set at 1e-2.
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
+# Bound on max |ort - torch| / max |torch| per precision (kept as floats for callers that read them).
+TOLERANCES = {precision: t.max_rel for precision, t in VALIDATION_TOLERANCES.items()}
 
-
-@dataclass
-class OutputParity:
-    output: str
-    max_abs_error: float
-    max_rel_error: float
-    cosine: float
-    finite: bool
+OutputParity = OutputMetrics
 
 
 @dataclass
@@ -37,14 +33,15 @@ class ParityResult:
     batch: int
     size: tuple[int, int]
     tolerance: float
-    outputs: list[OutputParity]
+    outputs: list[OutputMetrics]
+    cosine_tolerance: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return all(o.finite and o.max_rel_error <= self.tolerance for o in self.outputs)
+        return all(o.passed for o in self.outputs)
 
     def summary(self) -> str:
-        worst = max(self.outputs, key=lambda o: o.max_rel_error)
+        worst = max(self.outputs, key=lambda o: (not o.passed, o.max_rel_error))
         status = "ok" if self.passed else "FAILED"
         where = "" if self.component.startswith("text_encoder") else f" {self.size[0]}x{self.size[1]}"
         return (f"{self.component}{where} batch {self.batch}: max rel error "
@@ -54,34 +51,31 @@ class ParityResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def compare_arrays(name: str, got: np.ndarray, expected: np.ndarray) -> OutputParity:
-    got64, exp64 = got.astype(np.float64), expected.astype(np.float64)
-    finite = bool(np.isfinite(got64).all())
-    diff = np.abs(got64 - exp64)
-    scale = max(np.abs(exp64).max(), 1e-30)
-    denom = np.linalg.norm(got64) * np.linalg.norm(exp64)
-    cosine = float((got64.ravel() @ exp64.ravel()) / denom) if denom else 1.0
-    return OutputParity(name, float(diff.max()), float(diff.max() / scale), cosine, finite)
+def compare_arrays(name: str, got: np.ndarray, expected: np.ndarray, precision: str = "fp32") -> OutputMetrics:
+    """One output against its reference, with ``precision``'s bounds deciding ``passed``."""
+    return compare_outputs({name: expected}, {name: got}, tolerance_for(precision))[0]
 
 
 def check_parity(component: Component, onnx_path: Path, precision: str, batch: int = 2,
                  size: tuple[int, int] | None = None, providers: list[str] | None = None,
                  seed: int = 1) -> ParityResult:
     """Run PyTorch and ONNX Runtime on the same inputs; ``size`` defaults to a non-trace size."""
-    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     size = size or parity_size(component)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = component.make_inputs(batch, *size, generator)
+    tolerance = tolerance_for(precision)
+    inputs = component.make_inputs(batch, *size, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = component.module(*inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    session = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
     feed = {spec.name: tensor.numpy() for spec, tensor in zip(component.inputs, inputs)}
-    got = session.run([o.name for o in component.outputs], feed)
-    outputs = [compare_arrays(spec.name, g, e.float().numpy())
-               for spec, g, e in zip(component.outputs, got, expected)]
-    return ParityResult(component.name, batch, size, TOLERANCES[precision], outputs)
+    runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers or ["CPUExecutionProvider"]),
+                          name="onnxruntime")
+    got = run_runner(runner, [feed])[0]
+    reference = {spec.name: e.float().numpy() if e.dtype == torch.bfloat16 else e.numpy()
+                 for spec, e in zip(component.outputs, expected)}
+    outputs = compare_outputs(reference, got, tolerance)
+    return ParityResult(component.name, batch, size, tolerance.max_rel, outputs, tolerance.cosine)
 
 
 def parity_size(component: Component) -> tuple[int, int]:

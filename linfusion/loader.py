@@ -33,6 +33,8 @@ class LoadedPipeline:
     random_weights: bool
     preset: Preset | None = None
     vae_source: str | None = None
+    seed: int | None = None
+    """The seed of random weights (None for downloaded weights)."""
 
     @property
     def is_xl(self) -> bool:
@@ -42,7 +44,7 @@ class LoadedPipeline:
         return {"model": self.model, "preset": self.preset.name if self.preset else None,
                 "base_model": self.base_model, "base_revision": self.base_revision,
                 "linfusion": self.linfusion_source, "linfusion_revision": self.linfusion_revision,
-                "random_weights": self.random_weights, "vae": self.vae_source}
+                "random_weights": self.random_weights, "seed": self.seed, "vae": self.vae_source}
 
 
 def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool = False,
@@ -60,7 +62,7 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
     preset = PRESETS.get(model)
     if preset is not None and (random_weights or preset.is_tiny):
         pipe = build_random_pipeline(preset, seed, local_files_only=True, dtype=dtype)
-        loaded = LoadedPipeline(pipe, None, model, preset.base_model, None, None, None, True, preset)
+        loaded = LoadedPipeline(pipe, None, model, preset.base_model, None, None, None, True, preset, seed=seed)
     elif preset is not None:
         loaded = _from_pretrained(preset.base_model, revision, local_files_only, model, dtype)
         loaded.preset = preset
