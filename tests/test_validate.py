@@ -1,28 +1,17 @@
 """linfusion-validate on correct exports: passes, reports, exit codes, bad input, reference files."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+
+from torchless import run_without_torch
 
 from linfusion.export.validation.cli import main
 from linfusion.export.validation.compare import compare_outputs
 from linfusion.export.validation.tolerances import IMAGE_TOLERANCES, TOLERANCES
 
 SIZES = "64x64,96x32"
-
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:
-                raise ImportError(f'{name} is blocked in this test')
-    sys.meta_path.insert(0, Block())
-""")
-
 
 @pytest.fixture(scope="module")
 def validated(exported, tmp_path_factory):
@@ -155,16 +144,13 @@ def saved_reference(exported, tmp_path_factory):
     return path
 
 
-def run_without_torch(argv, timeout=300):
-    code = BLOCKER + textwrap.dedent(f"""
+def validate_without_torch(argv, timeout=300):
+    return run_without_torch(f"""
         from linfusion.export.validation.cli import main
         code = main({[str(a) for a in argv]!r})
-        leaked = sorted(m for m in sys.modules if m.split('.')[0] in {{'torch', 'diffusers', 'transformers'}})
-        assert not leaked, leaked
+        assert_torch_free()
         raise SystemExit(code)
-    """)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    """, timeout=timeout)
 
 
 def test_saved_reference_is_npz_plus_json(saved_reference):
@@ -182,7 +168,7 @@ def test_saved_reference_is_npz_plus_json(saved_reference):
 
 def test_load_reference_compares_without_torch(exported, saved_reference, tmp_path):
     report = tmp_path / "r.json"
-    result = run_without_torch([exported("tiny-sd"), "--load-reference", saved_reference, "--end-to-end",
+    result = validate_without_torch([exported("tiny-sd"), "--load-reference", saved_reference, "--end-to-end",
                                 "--report", report])
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     data = json.loads(report.read_text())

@@ -1,0 +1,91 @@
+"""Study 4: process start to first image, the torch-free runtime against diffusers.
+
+    python benchmarks/cold_start.py --quick     # sd15-small, 512 px, 4 steps, 3 alternating pairs
+    python benchmarks/cold_start.py             # sd15-small, 512 px, 20 steps, 5 pairs
+
+Each run is a fresh ``python benchmarks/child.py`` process on the same model (export for the
+runtime, diffusers folder + LinFusion checkpoint for PyTorch). Times are from just before the
+process is spawned to the first image saved, split into interpreter start, imports, loading
+and generation. One discarded warm-up pair first: the page cache is warm, the processes are cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+import models
+
+CHILD = Path(__file__).resolve().parent / "child.py"
+PHASES = ("start", "imports", "load", "generate", "to_first_image")
+
+
+def spawn(engine: str, folder: Path, size: int, steps: int, threads: int, tile: str = "auto") -> dict[str, Any]:
+    """Run one child; returns its JSON result with the spawn time and the process's wall time."""
+    spawned = time.time()
+    done = subprocess.run([sys.executable, str(CHILD), engine, str(folder), "--size", str(size), "--steps",
+                           str(steps), "--threads", str(threads), "--tile", tile],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{engine} child failed:\n{done.stderr[-3000:]}")
+    result = harness.child_json(done.stdout)
+    result.update(spawned=spawned, exited=time.time())
+    return result
+
+
+def phases(r: dict[str, Any]) -> dict[str, float]:
+    return {"start": r["started"] - r["spawned"], "imports": r["imported"] - r["started"],
+            "load": r["loaded"] - r["imported"], "generate": r["image"] - r["loaded"],
+            "to_first_image": r["image"] - r["spawned"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="sd15-small", choices=models.VARIANTS)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, help="reuse the model/export built here (models.assets)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--results", type=Path, default=harness.RESULTS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.variant, args.size, args.steps, args.repeats, args.threads = "tiny", 64, 2, 1, 1
+    elif args.quick:
+        args.steps, args.repeats = 4, 3
+
+    engines = ("runtime", "diffusers")
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    with tempfile.TemporaryDirectory(prefix="cold-") as tmp:
+        folder = models.assets(args.variant, args.workdir or Path(tmp))
+        for index in range(args.repeats + 1):
+            for engine in engines:
+                result = spawn(engine, folder, args.size, args.steps, args.threads)
+                if index:  # the first pair warms the page cache
+                    runs[engine].append(result)
+
+    medians = {e: {k: harness.median([phases(r)[k] for r in runs[e]]) for k in PHASES} for e in engines}
+    rows = [[e] + [medians[e][k] for k in PHASES] + [runs[e][0]["torch_imported"]] for e in engines]
+    rows.append(["diffusers / runtime"] + [round(medians["diffusers"][k] / max(medians["runtime"][k], 1e-9), 2)
+                                           for k in PHASES] + [""])
+    table = harness.markdown_table(["engine", "interpreter start (s)", "imports (s)", "load (s)", "generate (s)",
+                                    "spawn to first image (s)", "torch imported"], rows)
+    notes = [(f"Model: {args.variant}, random weights; {args.size} px, {args.steps} Euler steps, CFG 7.5, "
+             f"{args.threads} threads; medians of {args.repeats} alternating fresh processes after one "
+             f"discarded pair (warm page cache). Target: runtime >= 3x faster to the first image.")]
+    harness.write_results("cold_start", {"variant": args.variant, "size": args.size, "steps": args.steps,
+                                         "threads": args.threads, "repeats": args.repeats, "medians": medians,
+                                         "runs": runs}, table, notes, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
