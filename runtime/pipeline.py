@@ -8,6 +8,7 @@ diffusers' images. Every request is validated before any model runs.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +22,15 @@ from .backends.base import ModelRunner, ShapeError
 from .backends.select import load_backend
 from .guidance import combine_guidance
 from .images import load_image, to_pil, to_unit_range
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest
 from .prompts import TextStack, sdxl_time_ids
 from .rng import TorchCompatibleGenerator
 from .schedulers import default_scheduler_name, make_scheduler
 from .text import ClipTokenizer
 
 CFG_MODES = ("batched", "sequential")
+DEFERRED = ("vae_encoder",)
+"""Components loaded on first use: text-to-image never needs the VAE encoder."""
 
 
 class GenerationError(ValueError):
@@ -73,11 +76,14 @@ class Pipeline:
     """An export directory loaded once; calls are thread-safe and share the loaded models."""
 
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, ModelRunner],
-                 tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str) -> None:
+                 tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str,
+                 deferred: dict[str, Callable[[], ModelRunner]] | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.runners = runners
         self.backend = backend
+        self._deferred = dict(deferred or {})
+        self._load_lock = threading.Lock()
         self.scheduler_config = scheduler_config
         self.xl = manifest.pipeline["kind"] == "sdxl"
         self.text = TextStack(tokenizers, [runners[n] for n in manifest.pipeline["text_encoders"]], self.xl)
@@ -94,12 +100,28 @@ class Pipeline:
 
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
+        required = [*manifest.pipeline["text_encoders"], "unet", "vae_decoder"]
+        missing = [name for name in required if name not in manifest.components]
+        if missing:
+            raise ManifestError(f"{directory} lacks {', '.join(missing)}; re-export without --components "
+                                f"to generate images")
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads)
-        runners = {name: chosen.load(directory, name, spec) for name, spec in manifest.components.items()}
+        runners = {name: chosen.load(directory, name, spec) for name, spec in manifest.components.items()
+                   if name not in DEFERRED}
+        deferred = {name: (lambda n=name, s=spec: chosen.load(directory, n, s))
+                    for name, spec in manifest.components.items() if name in DEFERRED}
         tokenizers = [ClipTokenizer(directory / name.replace("text_encoder", "tokenizer"))
                       for name in manifest.pipeline["text_encoders"]]
         scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name)
+        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred)
+
+    def runner(self, name: str) -> ModelRunner:
+        """The loaded component, loading a deferred one on first use (once, thread-safe)."""
+        if name not in self.runners:
+            with self._load_lock:
+                if name not in self.runners:
+                    self.runners[name] = self._deferred.pop(name)()
+        return self.runners[name]
 
     @property
     def default_size(self) -> int:
@@ -190,6 +212,8 @@ class Pipeline:
         if image is None and strength is not None:
             raise GenerationError("strength is only used with an init image")
         if image is not None:
+            if "vae_encoder" not in self.manifest.components:
+                raise GenerationError("this export has no vae_encoder, which img2img needs")
             strength = 0.8 if strength is None else float(strength)
             if not 0.0 < strength <= 1.0:
                 raise GenerationError(f"strength must be in (0, 1], got {strength}")
@@ -288,7 +312,7 @@ class Pipeline:
             raise GenerationError(f"strength {request.strength} with {request.steps} steps leaves no step to run")
         sched.set_begin_index(t_start * sched.order)
         encoder_tiling = tiling and vae.Tiling(tiling.tile, tiling.overlap)
-        parameters = vae.encode(self.runners["vae_encoder"], request.init_image, self.vae_factor, encoder_tiling)
+        parameters = vae.encode(self.runner("vae_encoder"), request.init_image, self.vae_factor, encoder_tiling)
         mean_shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = vae.sample_latents(parameters, generator.randn(mean_shape))
         shift = self.manifest.pipeline.get("vae_shift_factor") or 0.0

@@ -74,3 +74,33 @@ def test_cli_writes_images_and_a_timing_summary(exported, tmp_path, capsys):
     assert (tmp_path / "boat_0.png").is_file() and (tmp_path / "boat_1.png").is_file()
     assert "UNet" in captured.out and "s/step" in captured.out and "decode" in captured.out
     assert "denoising" in captured.err
+
+
+def test_exports_missing_components(exported, tmp_path, capsys):
+    from PIL import Image
+
+    copy = tmp_path / "partial"
+    shutil.copytree(exported("tiny-sd"), copy)
+    manifest = json.loads((copy / "linfusion.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    (copy / "linfusion.json").write_text(json.dumps(manifest))
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    code, err = run_cli([str(copy), "--prompt", "x", "--init-image", str(tmp_path / "img.png")], capsys)
+    assert code != 0 and "no vae_encoder" in err
+    del manifest["components"]["vae_decoder"]
+    (copy / "linfusion.json").write_text(json.dumps(manifest))
+    code, err = run_cli([str(copy), "--prompt", "x"], capsys)
+    assert code != 0 and "lacks vae_decoder" in err
+
+
+def test_vae_encoder_loads_on_first_img2img(exported):
+    from PIL import Image
+
+    from linfusion.runtime import Pipeline
+
+    pipe = Pipeline.from_export(exported("tiny-sd"))
+    assert "vae_encoder" not in pipe.runners
+    pipe("x", height=64, width=64, num_inference_steps=1, output_type="np")
+    assert "vae_encoder" not in pipe.runners
+    pipe("x", image=Image.new("RGB", (64, 64)), strength=0.5, num_inference_steps=2, output_type="np")
+    assert "vae_encoder" in pipe.runners
