@@ -11,7 +11,6 @@ and generation. One discarded warm-up pair first: the page cache is warm, the pr
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -46,16 +45,8 @@ def phases(r: dict[str, Any]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="sd15-small", choices=models.VARIANTS)
+    p = models.study_parser(__doc__, harness.RESULTS, steps=20)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workdir", type=Path, help="reuse the model/export built here (models.assets)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--results", type=Path, default=harness.RESULTS)
     args = p.parse_args(argv)
     if args.tiny:
         args.variant, args.size, args.steps, args.repeats, args.threads = "tiny", 64, 2, 1, 1

@@ -12,7 +12,6 @@ threads = torch threads, runs alternating. diffusers' split is measured by timin
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -80,16 +79,8 @@ def runtime_case(folder: Path, threads: int) -> Callable[[int, int], dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="sd15-small", choices=models.VARIANTS)
+    p = models.study_parser(__doc__, harness.RESULTS, steps=20)
     p.add_argument("--sizes", default="512,1024")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workdir", type=Path, help="reuse the model/export built here (models.assets)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--results", type=Path, default=harness.RESULTS)
     args = p.parse_args(argv)
     if args.tiny:
         args.variant, args.sizes, args.steps, args.repeats, args.threads = "tiny", "64", 2, 1, 1

@@ -11,7 +11,6 @@ with LinFusion mounted, tiling through ``vae.enable_tiling()``; the runtime's th
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,15 +21,8 @@ from cold_start import spawn
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="sd15-small", choices=models.VARIANTS)
+    p = models.study_parser(__doc__, harness.RESULTS, steps=2, repeats=None)
     p.add_argument("--sizes", default="512,1024,1536,2048")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workdir", type=Path, help="reuse the model/export built here (models.assets)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--results", type=Path, default=harness.RESULTS)
     args = p.parse_args(argv)
     if args.tiny:
         args.variant, args.sizes, args.steps, args.threads = "tiny", "64", 1, 1

@@ -8,6 +8,7 @@ of the UNet and VAE channels, so that 2 CPU cores can go well past the native re
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import tempfile
@@ -112,3 +113,20 @@ def assets(variant: str, folder: Path) -> Path:
     export(loaded, folder / "export")
     marker.write_text(variant)
     return folder
+
+
+def study_parser(doc: str | None, results: Path, steps: int | None = None,
+                 repeats: int | None = 5) -> argparse.ArgumentParser:
+    """The options every study shares; each study adds its own size options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="sd15-small", choices=VARIANTS)
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps)
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, help="reuse the model/export built here (models.assets)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a few minutes)")
+    p.add_argument("--tiny", action="store_true", help="smoke run on the tiny preset (seconds)")
+    p.add_argument("--results", type=Path, default=results)
+    return p
