@@ -58,10 +58,8 @@ def vp_add_noise(alphas_cumprod: np.ndarray, original_samples: np.ndarray, noise
     return sqrt_alpha * original_samples + sqrt_one_minus * noise
 
 
-class DDIMScheduler(Scheduler):
-    """Deterministic DDIM (eta = 0), with optional x0 clipping."""
-
-    DEFAULTS = DDIM_DEFAULTS
+class AlphaScheduler(Scheduler):
+    """The alpha-parameterised schedulers (DDIM, LCM): integer timesteps, a final alpha_cumprod."""
 
     def _validate(self) -> None:
         check_prediction_and_thresholding(self._config)
@@ -71,6 +69,12 @@ class DDIMScheduler(Scheduler):
         self.final_alpha_cumprod = F32(1.0) if self._config["set_alpha_to_one"] else self.alphas_cumprod[0]
         n = self._config["num_train_timesteps"]
         self.timesteps = np.arange(0, n)[::-1].copy().astype(np.int64)
+
+
+class DDIMScheduler(AlphaScheduler):
+    """Deterministic DDIM (eta = 0), with optional x0 clipping."""
+
+    DEFAULTS = DDIM_DEFAULTS
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         c = self._config

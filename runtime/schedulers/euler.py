@@ -69,7 +69,31 @@ def reject_integer_timestep(timestep: Any) -> None:
             "pass one of scheduler.timesteps as the timestep, not an integer loop index")
 
 
-class EulerDiscreteScheduler(Scheduler):
+class SigmaScheduler(Scheduler):
+    """The sigma-parameterised (k-diffusion style) schedulers: x_t = x_0 + sigma_t * noise.
+
+    Subclasses set ``self.sigmas`` (one per timestep, plus the final one) in set_timesteps.
+    """
+
+    sigmas: np.ndarray
+
+    @property
+    def init_noise_sigma(self) -> float:  # type: ignore[override]
+        return noise_sigma(self.sigmas, self._config["timestep_spacing"])
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return scale_by_sigma(sample, self.sigmas[self._step_index])
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        """x + sigma_t * noise (variance-exploding forward process)."""
+        sigmas = self.sigmas.astype(original_samples.dtype, copy=False)
+        sigma = expand_to(sigmas[self._noise_indices(timesteps)], original_samples.ndim)
+        return original_samples + noise * sigma
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
     """Deterministic Euler sampler over the sigmas of a discrete-time diffusion model."""
 
     DEFAULTS = EULER_DEFAULTS
@@ -97,10 +121,6 @@ class EulerDiscreteScheduler(Scheduler):
         self.timesteps = np.linspace(0, n - 1, n, dtype=float)[::-1].astype(F32)
         self._continuous_v = (self._config["timestep_type"] == "continuous"
                               and self._config["prediction_type"] == "v_prediction")
-
-    @property
-    def init_noise_sigma(self) -> float:  # type: ignore[override]
-        return noise_sigma(self.sigmas, self._config["timestep_spacing"])
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Pick the inference timesteps and their sigmas (Karras-spaced if configured)."""
@@ -133,11 +153,6 @@ class EulerDiscreteScheduler(Scheduler):
         self._step_index = None
         self._begin_index = None
 
-    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        return scale_by_sigma(sample, self.sigmas[self._step_index])
-
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              noise: np.ndarray | None = None) -> np.ndarray:
         """One Euler step from sigma_i to sigma_{i+1}; ``noise`` is unused (no churn)."""
@@ -154,9 +169,3 @@ class EulerDiscreteScheduler(Scheduler):
         prev = sample32 + derivative * dt
         self._step_index += 1
         return prev.astype(np.asarray(model_output).dtype, copy=False)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x + sigma_t * noise (variance-exploding forward process)."""
-        sigmas = self.sigmas.astype(original_samples.dtype, copy=False)
-        sigma = expand_to(sigmas[self._noise_indices(timesteps)], original_samples.ndim)
-        return original_samples + noise * sigma

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import F32, Scheduler, check_steps, expand_to, spaced_timesteps, unsupported
-from .euler import noise_sigma, predict_original, reject_integer_timestep, scale_by_sigma
+from .base import F32, check_steps, spaced_timesteps, unsupported
+from .euler import SigmaScheduler, predict_original, reject_integer_timestep
 
 EULER_ANCESTRAL_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -26,7 +26,7 @@ EULER_ANCESTRAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-class EulerAncestralDiscreteScheduler(Scheduler):
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Ancestral (stochastic) Euler sampler; needs one noise draw per step."""
 
     DEFAULTS = EULER_ANCESTRAL_DEFAULTS
@@ -47,10 +47,6 @@ class EulerAncestralDiscreteScheduler(Scheduler):
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]]).astype(F32)
         self.timesteps = np.linspace(0, n - 1, n, dtype=float)[::-1].copy()
 
-    @property
-    def init_noise_sigma(self) -> float:  # type: ignore[override]
-        return noise_sigma(self.sigmas, self._config["timestep_spacing"])
-
     def set_timesteps(self, num_inference_steps: int) -> None:
         c = self._config
         n = check_steps(num_inference_steps)
@@ -62,11 +58,6 @@ class EulerAncestralDiscreteScheduler(Scheduler):
         self.timesteps = timesteps
         self._step_index = None
         self._begin_index = None
-
-    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        return scale_by_sigma(sample, self.sigmas[self._step_index])
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              noise: np.ndarray | None = None) -> np.ndarray:
@@ -88,9 +79,3 @@ class EulerAncestralDiscreteScheduler(Scheduler):
         prev = prev + noise32 * sigma_up
         self._step_index += 1
         return prev.astype(np.asarray(model_output).dtype, copy=False)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x + sigma_t * noise (variance-exploding forward process)."""
-        sigmas = self.sigmas.astype(original_samples.dtype, copy=False)
-        sigma = expand_to(sigmas[self._noise_indices(timesteps)], original_samples.ndim)
-        return original_samples + noise * sigma

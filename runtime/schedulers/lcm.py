@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import F32, Scheduler, check_steps
-from .ddim import check_prediction_and_thresholding, original_and_epsilon, vp_add_noise
+from .base import F32, check_steps
+from .ddim import AlphaScheduler, original_and_epsilon, vp_add_noise
 
 LCM_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -36,20 +36,11 @@ LCM_DEFAULTS: dict[str, Any] = {
 SIGMA_DATA = 0.5
 
 
-class LCMScheduler(Scheduler):
+class LCMScheduler(AlphaScheduler):
     """Multistep consistency sampler over the distillation timestep grid."""
 
     DEFAULTS = LCM_DEFAULTS
     needs_noise = True
-
-    def _validate(self) -> None:
-        check_prediction_and_thresholding(self._config)
-
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        self.final_alpha_cumprod = F32(1.0) if self._config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        n = self._config["num_train_timesteps"]
-        self.timesteps = np.arange(0, n)[::-1].copy().astype(np.int64)
 
     def set_timesteps(self, num_inference_steps: int, *, original_inference_steps: int | None = None,
                       strength: float = 1.0) -> None:
