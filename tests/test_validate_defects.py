@@ -145,7 +145,7 @@ def test_text_encoder_from_another_seed_fails_on_that_encoder(exported, tmp_path
 
 def test_defect_is_localised_from_a_saved_reference_without_torch(exported, tmp_path):
     """The GPU-machine path: reference layers come from the file, the comparison runs torch-free."""
-    from test_validate import run_without_torch
+    from test_validate import validate_without_torch
 
     reference = tmp_path / "ref"
     assert main([str(exported("tiny-sd")), "--sizes", "64x64", "--components", "unet",
@@ -153,7 +153,7 @@ def test_defect_is_localised_from_a_saved_reference_without_torch(exported, tmp_
     damaged = copy_export(exported("tiny-sd"), tmp_path)
     edit_unet(damaged, freeze_token_count(96))
     report = tmp_path / "r.json"
-    result = run_without_torch([damaged, "--load-reference", reference, "--checksums", "report",
+    result = validate_without_torch([damaged, "--load-reference", reference, "--checksums", "report",
                                 "--report", report])
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"layer {FIRST_LAYER} diverges first" in result.stdout.strip().splitlines()[-1]
