@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import sha256_file
+from .manifest import check_format, sha256_file
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST_NAME = "engines.json"
@@ -84,11 +84,8 @@ class EngineManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineManifest:
-        if data.get("format") != ENGINE_FORMAT:
-            raise EngineManifestError(f"not a LinFusion engine manifest (format={data.get('format')!r})")
-        if data.get("format_version") != ENGINE_FORMAT_VERSION:
-            raise EngineManifestError(f"engine manifest version {data.get('format_version')} is not supported "
-                                      f"(this runtime reads version {ENGINE_FORMAT_VERSION}); rebuild the engines")
+        check_format(data, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, "engine manifest", "rebuild the engines",
+                     EngineManifestError)
         try:
             components = {name: EngineSpec(**{**spec, "profiles": [ProfileSpec(**p) for p in spec["profiles"]]})
                           for name, spec in data["components"].items()}

@@ -76,11 +76,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != FORMAT_NAME:
-            raise ManifestError(f"not a LinFusion export manifest (format={data.get('format')!r})")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"manifest format version {data.get('format_version')} is not supported "
-                                f"(this runtime reads version {FORMAT_VERSION}); re-export the model")
+        check_format(data, FORMAT_NAME, FORMAT_VERSION, "export manifest", "re-export the model", ManifestError)
         try:
             components = {
                 name: ComponentSpec(**{**spec, "inputs": [TensorSpec(**t) for t in spec["inputs"]],
@@ -89,6 +85,16 @@ class Manifest:
             return cls(**{**data, "components": components})
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"malformed manifest: {exc}") from exc
+
+
+def check_format(data: dict[str, Any], name: str, version: int, what: str, remedy: str,
+                 error: type[Exception]) -> None:
+    """Refuse a document of another format or version, saying what to do about it."""
+    if data.get("format") != name:
+        raise error(f"not a LinFusion {what} (format={data.get('format')!r})")
+    if data.get("format_version") != version:
+        raise error(f"{what} format version {data.get('format_version')} is not supported "
+                    f"(this runtime reads version {version}); {remedy}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

@@ -187,6 +187,9 @@ class Scheduler:
     order: int = 1
     needs_noise: bool = False
     init_noise_sigma: float = 1.0
+    finite_terminal_sigma: bool = False
+    """Sigma-based schedulers: with zero-terminal-SNR betas, the last sigma would be infinite, so
+    diffusers clamps the final alpha_cumprod to 2^-24; DDIM and LCM keep it at zero."""
 
     def __init__(self, **config: Any) -> None:
         self._config = resolve_config(self.DEFAULTS, config)
@@ -196,6 +199,8 @@ class Scheduler:
         self._validate()
         self.betas = make_betas(self._config)
         self.alphas_cumprod = cumprod_f32(F32(1.0) - self.betas)
+        if self.finite_terminal_sigma and self._config.get("rescale_betas_zero_snr"):
+            self.alphas_cumprod[-1] = F32(2.0**-24)
 
     def _validate(self) -> None:
         """Reject config values this numpy port does not implement."""

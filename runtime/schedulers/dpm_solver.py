@@ -75,6 +75,7 @@ def log_snr(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
 class DPMSolverMultistepScheduler(Scheduler):
     """DPM-Solver++ (multistep, data prediction), orders 1 to 3."""
 
+    finite_terminal_sigma = True
     DEFAULTS = DPM_DEFAULTS
 
     def _validate(self) -> None:
@@ -99,8 +100,6 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        if self._config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2.0**-24)
         ac = self.alphas_cumprod
         self.lambda_t = log32(np.sqrt(ac)) - log32(np.sqrt(1 - ac))
         self.sigmas = self._train_sigmas()

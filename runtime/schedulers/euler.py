@@ -76,6 +76,7 @@ class SigmaScheduler(Scheduler):
     """
 
     sigmas: np.ndarray
+    finite_terminal_sigma = True
 
     @property
     def init_noise_sigma(self) -> float:  # type: ignore[override]
@@ -114,8 +115,6 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        if self._config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2.0**-24)
         n = self._config["num_train_timesteps"]
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], np.zeros(1, F32)]).astype(F32)
         self.timesteps = np.linspace(0, n - 1, n, dtype=float)[::-1].astype(F32)

@@ -41,8 +41,6 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        if self._config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2.0**-24)
         n = self._config["num_train_timesteps"]
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]]).astype(F32)
         self.timesteps = np.linspace(0, n - 1, n, dtype=float)[::-1].copy()
