@@ -148,6 +148,7 @@ class Pipeline:
         embeddings = self.text.encode_pair(
             request.prompts, request.negative, bool(self.manifest.pipeline.get("force_zeros_for_empty_prompt")))
         negative, positive = (self._repeat(e, request.images_per_prompt) for e in embeddings)
+        conditioning = self._guidance_inputs(negative, positive, request)
         timings["encode"] = time.perf_counter() - t0
 
         sched = make_scheduler(request.scheduler, self.scheduler_config)
@@ -168,7 +169,7 @@ class Pipeline:
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             u0 = time.perf_counter()
-            noise_pred = self._predict_noise(model_input, t, negative, positive, request)
+            noise_pred = self._predict_noise(model_input, t, conditioning, request)
             unet_time += time.perf_counter() - u0
             step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
@@ -275,27 +276,37 @@ class Pipeline:
             embeddings.pooled = np.repeat(embeddings.pooled, times, axis=0)
         return embeddings
 
-    def _unet_inputs(self, sample: np.ndarray, t, embeddings, request: Request) -> dict[str, np.ndarray]:
-        batch = sample.shape[0]
-        inputs = {"sample": sample, "timestep": np.full(batch, t, dtype=np.float32),
-                  "encoder_hidden_states": embeddings.hidden}
+    def _conditioning(self, embeddings, request: Request) -> dict[str, np.ndarray]:
+        """The UNet's per-call inputs besides sample and timestep, built once per generation."""
+        cond = {"encoder_hidden_states": embeddings.hidden}
         if self.xl:
-            inputs["text_embeds"] = embeddings.pooled
-            inputs["time_ids"] = sdxl_time_ids(request.height, request.width, batch)
-        return inputs
+            cond["text_embeds"] = embeddings.pooled
+            cond["time_ids"] = sdxl_time_ids(request.height, request.width, embeddings.hidden.shape[0])
+        return cond
 
-    def _predict_noise(self, model_input: np.ndarray, t, negative, positive, request: Request) -> np.ndarray:
-        unet = self.runners["unet"]
+    def _guidance_inputs(self, negative, positive, request: Request) -> list[dict[str, np.ndarray]]:
+        """One conditioning dict per UNet call of a step: [positive] without CFG, [negative+positive]
+        batched, or [negative, positive] sequentially."""
         if not request.cfg:
-            return unet.run(self._unet_inputs(model_input, t, positive, request))["out_sample"].astype(np.float32)
-        if request.cfg_mode == "batched":
-            both = type(positive)(np.concatenate([negative.hidden, positive.hidden]),
-                                  None if positive.pooled is None else np.concatenate([negative.pooled, positive.pooled]))
-            out = unet.run(self._unet_inputs(np.concatenate([model_input, model_input]), t, both, request))
-            uncond, cond = np.split(out["out_sample"].astype(np.float32), 2)
-        else:
-            uncond = unet.run(self._unet_inputs(model_input, t, negative, request))["out_sample"].astype(np.float32)
-            cond = unet.run(self._unet_inputs(model_input, t, positive, request))["out_sample"].astype(np.float32)
+            return [self._conditioning(positive, request)]
+        if request.cfg_mode == "sequential":
+            return [self._conditioning(negative, request), self._conditioning(positive, request)]
+        both = type(positive)(np.concatenate([negative.hidden, positive.hidden]),
+                              None if positive.pooled is None else np.concatenate([negative.pooled, positive.pooled]))
+        return [self._conditioning(both, request)]
+
+    def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray]],
+                       request: Request) -> np.ndarray:
+        unet = self.runners["unet"]
+        outputs = []
+        for cond in conditioning:
+            batch = cond["encoder_hidden_states"].shape[0]
+            sample = model_input if batch == model_input.shape[0] else np.concatenate([model_input] * 2)
+            inputs = {"sample": sample, "timestep": np.full(batch, t, dtype=np.float32), **cond}
+            outputs.append(unet.run(inputs, ["out_sample"])["out_sample"].astype(np.float32))
+        if not request.cfg:
+            return outputs[0]
+        uncond, cond = outputs if len(outputs) == 2 else np.split(outputs[0], 2)
         return combine_guidance(uncond, cond, request.guidance_scale, request.guidance_rescale)
 
     def _unscale(self, latents: np.ndarray) -> np.ndarray:
