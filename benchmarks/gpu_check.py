@@ -8,10 +8,11 @@ argument order (inputs, extra int32 scalars, outputs), same grids and blocks (al
 ``engines/kernels.py``). Outputs are poisoned (NaN) before every launch.
 
 Correctness: N in {64, 4096, 65536, 262144 + 77}, head dims 40/64/80/160, batch 1 and 2,
-fp32/fp16/bf16, against float64 numpy; error = max |out - ref| / max |ref|; bounds 1e-5
+fp32/fp16/bf16, every kernel tactic the plugins offer (CUDA-core; tensor-core for fp16/bf16
+on sm_80+), against float64 numpy; error = max |out - ref| / max |ref|; bounds 1e-5
 (fp32), 2e-3 (fp16), 1.6e-2 (bf16). Large N use 2 heads to keep the numpy reference fast.
 
-Speed (fp16, batch 2): time of state+reduce+apply, achieved bandwidth (q, k, v read once and out
+Speed (fp16, batch 2, each tactic): time of state+reduce+apply, achieved bandwidth (q, k, v read once and out
 written once) against the measured device-to-device copy bandwidth, and against an unfused
 PyTorch implementation and torch SDPA (flash) at the same N. Prints a short table. < 5 min on
 an H100. Imports nothing from the linfusion package, so it runs from a bare checkout.
@@ -95,7 +96,7 @@ def apply_args(q, state, n, heads, eps, out):
     return [("ptr", q), ("ptr", state), ("i32", n), ("i32", heads), ("i32", K.eps_bits(eps)), ("ptr", out)]
 
 
-def check_plumbing(ptx: bytes) -> None:
+def check_plumbing(ptx: bytes, arch: str) -> None:
     """Every entry's PTX parameter list matches the argument list the plugin passes."""
     want = {"ptr": "u64", "i32": ("u32", "s32", "b32")}
 
@@ -109,8 +110,9 @@ def check_plumbing(ptx: bytes) -> None:
 
     same(K.REDUCE_KERNEL, reduce_args(0, 1, 1, 0))
     for dtype, d in K.all_variants():
-        same(K.state_kernel(dtype, d), state_args(0, 0, 1, 1, 0))
-        same(K.apply_kernel(dtype, d), apply_args(0, 0, 1, 1, EPS, 0))
+        for tactic in K.tactics(dtype, arch):
+            same(K.state_kernel(dtype, d, tactic), state_args(0, 0, 1, 1, 0))
+            same(K.apply_kernel(dtype, d, tactic), apply_args(0, 0, 1, 1, EPS, 0))
 
 
 class Launcher:
@@ -135,7 +137,7 @@ class Launcher:
         values = tuple(np.int32(v) if kind == "i32" else v for kind, v in args)
         self.fn(name)(tuple(int(g) for g in launch.grid), tuple(launch.block), values, shared_mem=launch.shared_mem)
 
-    def run(self, q, k, v, heads, dtype, eps=EPS, poison=True):
+    def run(self, q, k, v, heads, dtype, eps=EPS, poison=True, tactic=K.CUDA_CORE):
         cp = self.cp
         b, n, c = q.shape
         d = c // heads
@@ -149,10 +151,12 @@ class Launcher:
             state.fill(np.nan)
             out.view(cp.uint16 if q.dtype.itemsize == 2 else cp.uint32).fill(  # all-ones: NaN in every dtype
                 0xFFFF if q.dtype.itemsize == 2 else 0xFFFFFFFF)
-        self.launch(K.state_kernel(dtype, d), K.state_launch(s, b, heads, t), state_args(k, v, n, heads, partials))
+        self.launch(K.state_kernel(dtype, d, tactic), K.state_launch(s, b, heads, t, tactic),
+                    state_args(k, v, n, heads, partials))
         self.launch(K.REDUCE_KERNEL, K.reduce_launch(b, heads, t.state_elements),
                     reduce_args(partials, s, t.state_elements, state))
-        self.launch(K.apply_kernel(dtype, d), K.apply_launch(n, b, heads, t), apply_args(q, state, n, heads, eps, out))
+        self.launch(K.apply_kernel(dtype, d, tactic), K.apply_launch(n, b, heads, t, tactic=tactic),
+                    apply_args(q, state, n, heads, eps, out))
         return out
 
 
@@ -164,7 +168,7 @@ def np_dtype(name):
     return np.dtype(name)
 
 
-def correctness(launcher, rows, dtypes=("float32", "float16", "bfloat16")) -> bool:
+def correctness(launcher, rows, arch: str, dtypes=("float32", "float16", "bfloat16")) -> bool:
     cp = launcher.cp
     ok = True
     rng = np.random.default_rng(0)
@@ -177,15 +181,16 @@ def correctness(launcher, rows, dtypes=("float32", "float16", "bfloat16")) -> bo
                     typed = [x.astype(np_dtype(dtype)) for x in host]
                     dev = [cp.asarray(x.view(np.uint16)).view(cp.uint16) if dtype == "bfloat16" else cp.asarray(x)
                            for x in typed]
-                    out = launcher.run(*dev, heads, dtype)
-                    got = cp.asnumpy(out)
-                    got = got.view(np_dtype(dtype)) if dtype == "bfloat16" else got
                     ref = reference(*typed, heads)
-                    got = got.astype(np.float64)
-                    err = float(np.abs(got - ref).max() / np.abs(ref).max()) if np.isfinite(got).all() else float("inf")
-                    passed = err <= TOL[dtype]
-                    ok &= passed
-                    rows.append((f"N={n} d={d} B={batch} H={heads} {dtype}", f"{err:.2e}", "ok" if passed else "FAIL"))
+                    for tactic in K.tactics(dtype, arch):
+                        out = launcher.run(*dev, heads, dtype, tactic=tactic)
+                        got = cp.asnumpy(out)
+                        got = (got.view(np_dtype(dtype)) if dtype == "bfloat16" else got).astype(np.float64)
+                        err = float(np.abs(got - ref).max() / np.abs(ref).max()) if np.isfinite(got).all() else float("inf")
+                        passed = err <= TOL[dtype]
+                        ok &= passed
+                        rows.append((f"N={n} d={d} B={batch} H={heads} {dtype} {K.TACTIC_NAMES[tactic]}",
+                                     f"{err:.2e}", "ok" if passed else "FAIL"))
     return ok
 
 
@@ -208,7 +213,7 @@ def copy_bandwidth(cp) -> float:
     return 2 * src.nbytes / seconds
 
 
-def speed(launcher, rows) -> None:
+def speed(launcher, rows, arch: str) -> None:
     cp = launcher.cp
     try:
         import torch
@@ -224,9 +229,15 @@ def speed(launcher, rows) -> None:
             q, k, v = (cp.random.standard_normal((batch, n, heads * d), dtype=cp.float32).astype(cp.float16)
                        for _ in range(3))
             iters = max(3, min(50, int(2e9 // q.nbytes)))
-            t_fused = timed(cp, lambda: launcher.run(q, k, v, heads, "float16", poison=False), iters)
+            per_tactic = {tactic: timed(cp, lambda: launcher.run(q, k, v, heads, "float16", poison=False, tactic=tactic),
+                                        iters) for tactic in K.tactics("float16", arch)}
+            best = min(per_tactic, key=per_tactic.get)  # what TensorRT's tactic timing would pick
+            t_fused = per_tactic[best]
             achieved = 4 * q.nbytes / t_fused
-            line = [f"{t_fused * 1e3:.3f} ms", f"{achieved / 1e9:.0f} GB/s ({100 * achieved / bandwidth:.0f}% copy)"]
+            line = [f"{t_fused * 1e3:.3f} ms {K.TACTIC_NAMES[best]}",
+                    f"{achieved / 1e9:.0f} GB/s ({100 * achieved / bandwidth:.0f}% copy)"]
+            line += [f"{K.TACTIC_NAMES[tc]} {t * 1e3:.3f} ms ({100 * 4 * q.nbytes / t / bandwidth:.0f}% copy)"
+                     for tc, t in per_tactic.items() if tc != best]
             if torch is not None:
                 tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
 
@@ -277,7 +288,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         arch = args.arch or "sm_90"
         ptx, _ = K.nvcc_compile(K.kernel_source(K.all_variants()), arch, "ptx")
-        check_plumbing(ptx)
+        check_plumbing(ptx, arch)
         for d in HEAD_DIMS:
             t = K.tiling(d)
             for n in NS:
@@ -285,6 +296,8 @@ def main(argv=None) -> int:
                     s = K.num_splits(n, b, 8, t)
                     assert s >= 1 and (s - 1) * -(-n // s) < n, "a split would be empty"
                     assert K.apply_launch(n, b, 8, t).grid[0] * t.apply_tokens >= n * t.apply_col_tiles
+                    tc = K.tensor_core_tiling(d)
+                    assert K.apply_launch(n, b, 8, t, tactic=K.TENSOR_CORE).grid[0] * tc.apply_rows >= n * tc.apply_col_tiles
         print(f"dry run ok: {len(K.ptx_entries(ptx))} kernels compiled for {arch}, argument lists match the plugins")
         return 0
     import cupy as cp
@@ -292,13 +305,13 @@ def main(argv=None) -> int:
     arch = args.arch or f"sm_{cp.cuda.Device().compute_capability}"
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     ptx = build_ptx(arch)
-    check_plumbing(ptx)
+    check_plumbing(ptx, arch)
     launcher = Launcher(ptx)
     rows = [("case", "result", "")]
     started = time.time()
-    ok = correctness(launcher, rows)
+    ok = correctness(launcher, rows, arch)
     if not args.skip_speed:
-        speed(launcher, rows)
+        speed(launcher, rows, arch)
     print(f"device: {name} ({arch}); {time.time() - started:.0f}s")
     print_table(rows)
     print("ALL CORRECTNESS CHECKS PASSED" if ok else "CORRECTNESS FAILURES: see FAIL rows")

@@ -10,7 +10,9 @@ place. ``engines.json`` (``linfusion.runtime.engine_manifest``) is written last,
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from linfusion.runtime.engine_manifest import (
 from linfusion.runtime.manifest import Manifest, load_manifest, sha256_file
 
 from . import onnx_prep
-from .plugin import aot_support, plugin_record, register_plugins
+from .plugin import KERNEL_CHOICES, aot_support, plugin_record, register_plugins, tensorrt_version_tuple
 from .profiles import Range, SpatialProfile, component_profiles
 
 PLUGIN_MODES = ("auto", "on", "off")
@@ -47,7 +49,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise TensorRTMissing("TensorRT is not installed: linfusion-build needs the `tensorrt` Python package "
-                              f"(10.9 or newer) on a machine with an NVIDIA GPU ({exc})") from None
+                              f"(10.10 or newer for the plugins) on a machine with an NVIDIA GPU ({exc})") from None
     if not hasattr(trt, "Builder"):
         raise TensorRTMissing("the installed `tensorrt` package is a stub without its libraries; install "
                               "the full TensorRT wheel (tensorrt-cu12 or tensorrt-cu13)")
@@ -90,17 +92,26 @@ class BuildOptions:
     batch: Range
     output: Path
     plugin: str = "auto"
+    kernels: str = "auto"
+    """Linear-attention kernel tactics offered to TensorRT: auto, cuda-core or tensor-core."""
     timing_cache: Path | None = None
+    """None: OUTPUT/timing-<TensorRT version>-sm<XY>.cache, so caches of other GPUs or versions
+    are kept rather than overwritten."""
     optimization_level: int = 3
     refittable: bool = False
     components: list[str] | None = None
 
 
 class _Progress:
-    """A TensorRT IProgressMonitor that prints phase starts and finishes (subclassed lazily)."""
+    """A TensorRT IProgressMonitor that prints phase starts and finishes and cancels the build
+    on Ctrl-C (subclassed lazily).
+
+    TensorRT calls the monitor from inside ``build_serialized_network`` and swallows exceptions
+    raised in it, so a KeyboardInterrupt would be lost: SIGINT only sets a flag during the build,
+    ``step_complete`` returns False to cancel, and the build raises KeyboardInterrupt after."""
 
     @staticmethod
-    def create(trt, log: Callable[[str], None]):
+    def create(trt, log: Callable[[str], None], interrupted: threading.Event):
         if not hasattr(trt, "IProgressMonitor"):
             return None
 
@@ -115,7 +126,7 @@ class _Progress:
                     log(f"  {phase_name} ({num_steps} steps)")
 
             def step_complete(self, phase_name, step):
-                return True  # keep building
+                return not interrupted.is_set()  # False cancels the build
 
             def phase_finish(self, phase_name):
                 start = self.started.pop(phase_name, None)
@@ -125,7 +136,36 @@ class _Progress:
         return Monitor()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+class _InterruptFlag:
+    """Turns SIGINT into a flag for the duration of a build (main thread only)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> threading.Event:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+_LOGGERS: dict[int, object] = {}
+
+
+def _logger(trt):
+    """One logger per process: TensorRT keeps the first logger a builder or runtime was given."""
+    return _LOGGERS.setdefault(id(trt), trt.Logger(trt.Logger.WARNING))
+
+
+def default_timing_cache(output: Path, version: str, capability: str) -> Path:
+    return output / f"timing-{version}-sm{capability.replace('.', '')}.cache"
+
+
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -137,44 +177,76 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def network_flags(trt) -> int:
+    """Strongly typed on 10.x; TensorRT 11 always is (its flag is deprecated and ignored)."""
+    if tensorrt_version_tuple(trt.__version__)[:1] >= (11,):
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def add_profiles(builder, config, network_inputs: dict[str, tuple[int, ...]], profiles: list[ProfileSpec],
+                 onnx_path: Path) -> None:
+    """One optimization profile per ProfileSpec, in order (the runtime selects them by index);
+    every dynamic network input needs a range and every range must name a network input."""
+    for index, spec in enumerate(profiles):
+        unknown = sorted(set(spec.shapes) - set(network_inputs))
+        if unknown:
+            raise BuildError(f"{onnx_path}: profile names input(s) {', '.join(unknown)} that the network lacks")
+        missing = sorted(n for n, dims in network_inputs.items() if any(d < 0 for d in dims) and n not in spec.shapes)
+        if missing:
+            raise BuildError(f"{onnx_path}: no shape range for dynamic input(s) {', '.join(missing)}")
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in spec.shapes.items():
+            profile.set_shape(name, low, opt, high)
+        if config.add_optimization_profile(profile) != index:
+            raise BuildError(f"{onnx_path}: TensorRT rejected optimization profile {index} ({spec.shapes})")
+
+
+def use_timing_cache(config, path: Path | None, log: Callable[[str], None]):
+    """Load the cache at ``path`` when TensorRT accepts it; otherwise start an empty one."""
+    if path is not None and path.is_file():
+        cache = config.create_timing_cache(path.read_bytes())
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        log(f"  timing cache {path} is from another TensorRT or GPU, or damaged: starting a new one")
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
 def build_engine(trt, onnx_path: Path, profiles: list[ProfileSpec], options: BuildOptions,
-                 log: Callable[[str], None]) -> bytes:
-    logger = trt.Logger(trt.Logger.WARNING)
+                 log: Callable[[str], None], timing_cache: Path | None = None) -> memoryview:
+    """The serialized engine (a view of TensorRT's buffer, not a copy)."""
+    logger = _logger(trt)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT could not parse {onnx_path}: {errors}")
-    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
     if options.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
-    for spec in profiles:
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in spec.shapes.items():
-            if name in inputs:
-                profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
-    cache_data = b""
-    if options.timing_cache and options.timing_cache.is_file():
-        cache_data = options.timing_cache.read_bytes()
-    cache = config.create_timing_cache(cache_data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    monitor = _Progress.create(trt, log)
-    if monitor is not None:
-        config.progress_monitor = monitor
-    serialized = builder.build_serialized_network(network, config)
+    add_profiles(builder, config, inputs, profiles, onnx_path)
+    use_timing_cache(config, timing_cache, log)
+    with _InterruptFlag() as interrupted:
+        monitor = _Progress.create(trt, log, interrupted)
+        if monitor is not None:
+            config.progress_monitor = monitor
+        serialized = builder.build_serialized_network(network, config)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     if serialized is None:
         raise BuildError(f"TensorRT failed to build an engine from {onnx_path} (see the messages above)")
-    if options.timing_cache:
-        options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(options.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return bytes(memoryview(serialized))
+    updated = config.get_timing_cache()
+    if timing_cache is not None and updated is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(timing_cache, memoryview(updated.serialize()))
+    return memoryview(serialized)
 
 
 def select_components(manifest: Manifest, wanted: list[str] | None) -> list[str]:
@@ -194,8 +266,11 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
     gpu_name, capability = gpu_info()
     plugin = resolve_plugin(options.plugin, trt, log)
     arch = "compute_" + capability.replace(".", "")
+    if options.kernels not in KERNEL_CHOICES:
+        raise ValueError(f"--attention-kernels must be one of {', '.join(KERNEL_CHOICES)}")
     if plugin:
-        register_plugins(arch)
+        register_plugins(arch, options.kernels)
+    timing_cache = options.timing_cache or default_timing_cache(options.output, trt.__version__, capability)
     out = options.output
     out.mkdir(parents=True, exist_ok=True)
     engines = _previous_engines(out, trt.__version__, gpu_name, capability)
@@ -213,7 +288,7 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
             log(f"[{index}/{len(selected)}] {name}: {spec.precision}, {len(profiles)} profile(s), "
                 f"{prepared.attention_nodes} linear-attention node(s){' as plugins' if use_plugin else ''}")
             t0 = time.monotonic()
-            data = build_engine(trt, prepared.path, profiles, options, log)
+            data = build_engine(trt, prepared.path, profiles, options, log, timing_cache)
             seconds = time.monotonic() - t0
             engine_file = f"{name}.plan"
             _write_atomic(out / engine_file, data)
@@ -224,9 +299,9 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
                 profiles=profiles, plugin=use_plugin, linear_attention_nodes=prepared.attention_nodes,
                 build_seconds=round(seconds, 1), refittable=options.refittable,
                 optimization_level=options.optimization_level)
-            log(f"[{index}/{len(selected)}] {name}: built in {seconds:.1f}s ({len(data) / 2**20:.1f} MiB)")
+            log(f"[{index}/{len(selected)}] {name}: built in {seconds:.1f}s ({data.nbytes / 2**20:.1f} MiB)")
     result = EngineManifest(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
-                            components=engines, plugin=plugin_record(plugin, arch if plugin else None),
+                            components=engines, plugin=plugin_record(plugin, arch if plugin else None, options.kernels),
                             tools={"tensorrt": trt.__version__})
     _write_atomic(out / ENGINE_MANIFEST_NAME, result.to_json().encode())
     log(f"done in {time.monotonic() - started:.1f}s: {out / ENGINE_MANIFEST_NAME}")

@@ -22,9 +22,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
                    "UNet range is doubled for classifier-free guidance")
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
-                   help="fused linear-attention plugin (auto: on with TensorRT >= 10.9)")
+                   help="fused linear-attention plugin (auto: on with TensorRT >= 10.10)")
+    p.add_argument("--attention-kernels", choices=("auto", "cuda-core", "tensor-core"), default="auto",
+                   help="plugin kernel tactics TensorRT may pick (auto: both for fp16/bf16 on sm_80+, timed "
+                   "at build time; float32 always uses cuda-core)")
     p.add_argument("--timing-cache", type=Path, help="timing cache to reuse and update "
-                   "(default: OUTPUT/timing.cache)")
+                   "(default: OUTPUT/timing-<TensorRT version>-sm<XY>.cache)")
     p.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="N",
                    help="builder optimization level 0-5 (default 3)")
     p.add_argument("--refittable", action="store_true", help="build refittable engines (LoRA swaps)")
@@ -47,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         batch = parse_batch(args.batch)
     except (ManifestError, ProfileError) as exc:
         return fail(str(exc))
-    from .builder import BuildError, BuildOptions, TensorRTMissing, build_all
+    from .builder import BuildOptions, build_all
 
     output = args.output or args.export_dir / "engines"
     options = BuildOptions(spatial=spatial, batch=batch, output=output, plugin=args.plugin,
-                           timing_cache=args.timing_cache or output / "timing.cache",
+                           kernels=args.attention_kernels, timing_cache=args.timing_cache,
                            optimization_level=args.optimization_level, refittable=args.refittable,
                            components=[c.strip() for c in args.components.split(",")] if args.components else None)
     try:
         build_all(args.export_dir, options, log=lambda line: print(line, flush=True))
-    except (TensorRTMissing, BuildError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
+        # RuntimeError: TensorRTMissing, BuildError, PluginUnavailable and TensorRT's own errors
         return fail(str(exc))
     except KeyboardInterrupt:
         return fail("interrupted; engines already renamed into place are complete, the rest were not written")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE_NAME = "linear_attention.cu"
+TC_SOURCE_NAME = "linear_attention_mma.cu"
 DTYPES = ("float32", "float16", "bfloat16")
 SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 IO_TRAITS = {"float32": "LinfusionF32", "float16": "LinfusionF16", "bfloat16": "LinfusionBF16"}
@@ -45,6 +46,15 @@ SPLIT_MIN_TOKENS = 256
 TARGET_STATE_BLOCKS = 1024
 REDUCE_THREADS = 256
 REDUCE_KERNEL = "linfusion_la_reduce"
+APPLY_ROWS = 256
+"""Tokens per tensor-core apply block: the kv tile it converts once is reused over them."""
+
+CUDA_CORE = 1
+TENSOR_CORE = 2
+"""Tactic ids (the plugins' TensorRT tactics): float32 FMA kernels, and mma.sync kernels with
+float32 accumulation for fp16/bf16 I/O on sm_80 and newer."""
+TACTIC_NAMES = {CUDA_CORE: "cuda-core", TENSOR_CORE: "tensor-core"}
+TENSOR_CORE_MIN_ARCH = 80
 
 
 class KernelCompileError(RuntimeError):
@@ -100,6 +110,70 @@ class Tiling:
         return self.head_dim * (self.head_dim + 1)
 
 
+@dataclass(frozen=True)
+class TensorCoreTiling:
+    """Template arguments of the tensor-core kernels for one head dim."""
+
+    head_dim: int
+    apply_cols: int
+    """output columns per apply block (TJ, multiple of 8)."""
+    apply_tokens: int
+    """tokens per apply pass, 16 per warp (TOK)."""
+    apply_rows: int = APPLY_ROWS
+    """tokens per apply block (ROWS, a multiple of TOK)."""
+
+    @property
+    def padded_k(self) -> int:
+        return (self.head_dim + 15) // 16 * 16
+
+    @property
+    def padded_n(self) -> int:
+        return (self.head_dim + 7) // 8 * 8
+
+    @property
+    def state_threads(self) -> int:
+        return self.padded_k // 16 * 32
+
+    @property
+    def state_smem(self) -> int:
+        return 2 * (STATE_CHUNK + 8) * (self.padded_k + self.padded_n)
+
+    @property
+    def apply_threads(self) -> int:
+        return self.apply_tokens // 16 * 32
+
+    @property
+    def apply_smem(self) -> int:
+        return 2 * (self.padded_k + 8) * (self.apply_cols + 8 + self.apply_tokens)
+
+    @property
+    def apply_col_tiles(self) -> int:
+        return math.ceil(self.head_dim / self.apply_cols)
+
+
+@cache
+def tensor_core_tiling(head_dim: int) -> TensorCoreTiling:
+    """Widest column tile that fits with 128 or 64 tokens per pass, else with fewer tokens."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is outside the supported range 1..{MAX_HEAD_DIM}")
+    dn = (head_dim + 7) // 8 * 8
+    columns = [c for c in range(dn, 7, -8) if dn % c == 0]
+    for tokens_options in ((128, 64), (32, 16)):
+        for tokens in tokens_options:
+            for cols in columns:
+                t = TensorCoreTiling(head_dim, cols, tokens, max(APPLY_ROWS, tokens))
+                if t.apply_smem <= SHARED_MEMORY_LIMIT:
+                    return t
+    raise ValueError(f"no tensor-core tiling fits head dim {head_dim}")  # pragma: no cover
+
+
+def tactics(dtype: str, arch: str = "compute_80") -> tuple[int, ...]:
+    """The kernel tactics offered for an I/O dtype on an NVRTC/nvcc target (compute_XX / sm_XX)."""
+    if dtype != "float32" and int(arch.split("_")[1]) >= TENSOR_CORE_MIN_ARCH:
+        return (CUDA_CORE, TENSOR_CORE)
+    return (CUDA_CORE,)
+
+
 def _column_candidates(dp: int, cap: int) -> list[int]:
     """Multiples of 4 that divide dp, largest first, capped; then the cap itself (padded)."""
     divisors = [c for c in range(min(dp, cap), 15, -4) if dp % c == 0]
@@ -144,7 +218,9 @@ def num_splits(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv,
     return minimum(cdiv(tokens, SPLIT_MIN_TOKENS), cdiv(TARGET_STATE_BLOCKS, batch * (heads * t.state_col_tiles)))
 
 
-def state_launch(splits, batch, heads: int, t: Tiling) -> Launch:
+def state_launch(splits, batch, heads: int, t: Tiling, tactic: int = CUDA_CORE) -> Launch:
+    if tactic == TENSOR_CORE:
+        return Launch((splits, batch * heads, 1), (tensor_core_tiling(t.head_dim).state_threads, 1, 1))
     return Launch((splits * t.state_col_tiles, batch * heads, 1), (t.state_threads, 1, 1))
 
 
@@ -153,7 +229,10 @@ def reduce_launch(batch, heads, elements, cdiv: Callable = _int_cdiv) -> Launch:
     return Launch((cdiv(elements, REDUCE_THREADS), batch * heads, 1), (REDUCE_THREADS, 1, 1))
 
 
-def apply_launch(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv) -> Launch:
+def apply_launch(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv, tactic: int = CUDA_CORE) -> Launch:
+    if tactic == TENSOR_CORE:
+        tc = tensor_core_tiling(t.head_dim)
+        return Launch((cdiv(tokens, tc.apply_rows) * tc.apply_col_tiles, batch * heads, 1), (tc.apply_threads, 1, 1))
     return Launch((cdiv(tokens, t.apply_tokens) * t.apply_col_tiles, batch * heads, 1), (t.apply_threads, 1, 1))
 
 
@@ -164,21 +243,28 @@ def eps_bits(eps: float) -> int:
 
 # --- names and source -------------------------------------------------------------------------
 
-def state_kernel(dtype: str, head_dim: int) -> str:
-    return f"linfusion_la_state_{SUFFIX[dtype]}_d{head_dim}"
+def _tactic_infix(tactic: int) -> str:
+    if tactic not in TACTIC_NAMES:
+        raise ValueError(f"unknown kernel tactic {tactic}")
+    return "tc_" if tactic == TENSOR_CORE else ""
 
 
-def apply_kernel(dtype: str, head_dim: int) -> str:
-    return f"linfusion_la_apply_{SUFFIX[dtype]}_d{head_dim}"
+def state_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
+    return f"linfusion_la_state_{_tactic_infix(tactic)}{SUFFIX[dtype]}_d{head_dim}"
+
+
+def apply_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
+    return f"linfusion_la_apply_{_tactic_infix(tactic)}{SUFFIX[dtype]}_d{head_dim}"
 
 
 def base_source() -> str:
-    """The shipped kernel file (package data ``engines/kernels/linear_attention.cu``)."""
-    return (Path(__file__).resolve().parent / "kernels" / SOURCE_NAME).read_text()
+    """The shipped kernel files (package data ``engines/kernels/*.cu``), CUDA-core kernels first."""
+    folder = Path(__file__).resolve().parent / "kernels"
+    return (folder / SOURCE_NAME).read_text() + "\n" + (folder / TC_SOURCE_NAME).read_text()
 
 
 def kernel_source(variants: Iterable[tuple[str, int]]) -> str:
-    """The translation unit defining state and apply entry points for each (dtype, head dim)."""
+    """The translation unit defining the entry points of every tactic for each (dtype, head dim)."""
     lines = [base_source(), "", "// Generated by linfusion.engines.kernels.kernel_source"]
     for dtype, d in sorted(set(variants)):
         if dtype not in SUFFIX:
@@ -186,7 +272,20 @@ def kernel_source(variants: Iterable[tuple[str, int]]) -> str:
         t = tiling(d)
         lines.append(f"LINFUSION_DEFINE_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
                      f"{t.state_cols}, {t.apply_cols}, {t.apply_tokens})")
+        if dtype != "float32":
+            tc = tensor_core_tiling(d)
+            lines.append(f"LINFUSION_DEFINE_TC_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
+                         f"{tc.apply_cols}, {tc.apply_tokens}, {tc.apply_rows})")
     return "\n".join(lines) + "\n"
+
+
+def kernel_names(variants: Iterable[tuple[str, int]], arch: str = "compute_80") -> set[str]:
+    """Every entry point ``kernel_source(variants)`` defines when compiled for ``arch``."""
+    names = {REDUCE_KERNEL}
+    for dtype, d in variants:
+        for tactic in tactics(dtype, arch):
+            names |= {state_kernel(dtype, d, tactic), apply_kernel(dtype, d, tactic)}
+    return names
 
 
 def all_variants(head_dims: Iterable[int] = STANDARD_HEAD_DIMS) -> list[tuple[str, int]]:

@@ -10,18 +10,32 @@ the engine, which then runs with no Python and no plugin library (trtexec, Trito
 
 Launch geometry and extra arguments come from ``kernels`` (the same formulas the GPU check
 uses), written against ``trtp.cdiv``/``trtp.min`` so that they stay symbolic in N and B.
+State and apply offer two kernel tactics for fp16/bf16 (CUDA-core and tensor-core, see
+``kernels.tactics``); TensorRT times both at build time and embeds the faster one.
 TensorRT is imported only inside these functions.
+
+This module deliberately has no ``from __future__ import annotations``: ``tensorrt.plugin``
+inspects the annotations as classes (``issubclass``), so they must not be strings. Attributes
+arrive as the ONNX parser sends them, one-element int32 / float32 arrays; the ``aot_impl``
+return annotation is mandatory.
 """
 
-from __future__ import annotations
-
 from functools import cache
+
+import numpy as np
+import numpy.typing as npt
 
 from . import kernels as K
 from .onnx_prep import APPLY_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, REDUCE_OP, STATE_OP
 
-MIN_TENSORRT = (10, 9)
+MIN_TENSORRT = (10, 10)
+"""AOT Python plugins arrived in 10.9, but the 10.9 ONNX parser hands the QDP creator the node
+name instead of the op type (NVIDIA's sample names nodes after their op type up to 10.9), so
+our per-layer node names would not resolve; 10.10 passes the op type."""
+KERNEL_CHOICES = ("auto", "cuda-core", "tensor-core")
 PLUGIN_IDS = tuple(f"{PLUGIN_NAMESPACE}::{op}" for op in (STATE_OP, REDUCE_OP, APPLY_OP))
+Int32Attr = npt.NDArray[np.int32]
+Float32Attr = npt.NDArray[np.float32]
 _registered: dict[str, str] = {}
 
 
@@ -43,7 +57,8 @@ def aot_support(trt) -> tuple[bool, str]:
     """Whether this TensorRT module supports AOT Python plugins, and why not."""
     version = getattr(trt, "__version__", "0")
     if tensorrt_version_tuple(version)[:2] < MIN_TENSORRT:
-        return False, f"TensorRT {version} is older than 10.9, which introduced AOT Python plugins"
+        return False, (f"TensorRT {version} is older than 10.10 (AOT Python plugins need 10.9, and its ONNX "
+                       "parser resolves them by node name)")
     if not hasattr(trt, "QuickPluginCreationRequest"):
         return False, f"TensorRT {version} lacks QuickPluginCreationRequest (AOT plugins)"
     try:
@@ -84,12 +99,35 @@ def _head_dim(channels, heads: int) -> int | None:
     return c // heads
 
 
-def register_plugins(arch: str = "compute_80") -> None:
-    """Define the plugins once per process; ``arch`` is the NVRTC target (e.g. compute_90)."""
+def offered_tactics(dtype: str, arch: str, kernels: str = "auto") -> tuple[int, ...]:
+    """The kernel tactics the state and apply plugins offer TensorRT for one I/O dtype."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"attention kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
+    available = K.tactics(dtype, arch)
+    if kernels == "cuda-core" or dtype == "float32":
+        return (K.CUDA_CORE,)
+    if kernels == "tensor-core":
+        if K.TENSOR_CORE not in available:
+            raise PluginUnavailable(f"tensor-core attention kernels need compute capability "
+                                    f"{K.TENSOR_CORE_MIN_ARCH // 10}.0 or newer, not {arch}")
+        return (K.TENSOR_CORE,)
+    return available
+
+
+def _kernel_tactic(tactic: int) -> int:
+    """TensorRT passes 0 (its default tactic) when a combination declares none."""
+    return tactic if tactic in K.TACTIC_NAMES else K.CUDA_CORE
+
+
+def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
+    """Define the plugins once per process; ``arch`` is the NVRTC target (e.g. compute_90) and
+    ``kernels`` restricts the tactics (auto: CUDA-core and, for fp16/bf16 on sm_80+, tensor-core)."""
     if _registered:
-        if _registered.get("arch") != arch:
-            raise PluginUnavailable(f"plugins already registered for {_registered['arch']}, not {arch}")
+        if (_registered.get("arch"), _registered.get("kernels")) != (arch, kernels):
+            raise PluginUnavailable(f"plugins already registered for {_registered['arch']} "
+                                    f"({_registered['kernels']} kernels), not {arch} ({kernels})")
         return
+    half_tactics = list(offered_tactics("float16", arch, kernels))
     import tensorrt as trt
 
     ok, why = aot_support(trt)
@@ -97,31 +135,37 @@ def register_plugins(arch: str = "compute_80") -> None:
         raise PluginUnavailable(why)
     import tensorrt.plugin as trtp
 
-    io_types = "FP32|FP16|BF16"
+    def tune(fp32: str, half: str) -> list:
+        return [trtp.AutoTuneCombination(fp32, "LINEAR", [K.CUDA_CORE]),
+                trtp.AutoTuneCombination(half, "LINEAR", half_tactics)]
 
     @trtp.register(PLUGIN_IDS[0])
-    def _state_desc(k: trtp.TensorDesc, v: trtp.TensorDesc, heads: int) -> trtp.TensorDesc:
+    def _state_desc(k: trtp.TensorDesc, v: trtp.TensorDesc, heads: Int32Attr) -> trtp.TensorDesc:
         b, n, c = k.shape_expr[0], k.shape_expr[1], k.shape_expr[2]
-        d = _head_dim(c, heads)
-        tiles = K.tiling(d) if d else K.tiling(64)
-        splits = K.num_splits(n, b, heads, tiles, cdiv=trtp.cdiv, minimum=trtp.min)
-        dd = c // heads
-        return trtp.from_shape_expr((b, heads, splits, dd, dd + 1), dtype=trt.float32)
+        if c.is_fake:
+            # The dtype-only pass: build no expressions from Python ints (TensorRT < 10.15 keeps a
+            # stale expression builder in this pass).
+            return trtp.from_shape_expr((b, b, b, b, b), dtype=trt.float32)
+        h = int(heads[0])
+        d = _head_dim(c, h)
+        splits = K.num_splits(n, b, h, K.tiling(d), cdiv=trtp.cdiv, minimum=trtp.min)
+        return trtp.from_shape_expr((b, h, splits, d, d + 1), dtype=trt.float32)
 
     @trtp.autotune(PLUGIN_IDS[0])
-    def _state_tune(k: trtp.TensorDesc, v: trtp.TensorDesc, outputs):
-        return [trtp.AutoTuneCombination(f"{io_types}, {io_types}, FP32")]
+    def _state_tune(k: trtp.TensorDesc, v: trtp.TensorDesc, outputs) -> list[trtp.AutoTuneCombination]:
+        return tune("FP32, FP32, FP32", "FP16|BF16, FP16|BF16, FP32")
 
     @trtp.aot_impl(PLUGIN_IDS[0])
-    def _state_aot(k: trtp.TensorDesc, v: trtp.TensorDesc, heads: int, outputs, tactic: int):
+    def _state_aot(k: trtp.TensorDesc, v: trtp.TensorDesc, heads: Int32Attr, outputs, tactic: int
+                   ) -> tuple[str, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        h = int(heads[0])
         dtype = _dtype_name(trt, k.dtype)
-        d = _head_dim(k.shape_expr[2], heads)
-        t = K.tiling(d)
+        d = _head_dim(k.shape_expr[2], h)
+        tactic = _kernel_tactic(tactic)
         b, n = k.shape_expr[0], k.shape_expr[1]
-        launch = K.state_launch(outputs[0].shape_expr[2], b, heads, t)
-        params = _launch_params(trtp, launch)
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(heads)])
-        return K.state_kernel(dtype, d), _ptx(dtype, d, arch), params, extra
+        launch = K.state_launch(outputs[0].shape_expr[2], b, h, K.tiling(d), tactic)
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h)])
+        return K.state_kernel(dtype, d, tactic), _ptx(dtype, d, arch), _launch_params(trtp, launch), extra
 
     @trtp.register(PLUGIN_IDS[1])
     def _reduce_desc(partials: trtp.TensorDesc) -> trtp.TensorDesc:
@@ -129,11 +173,12 @@ def register_plugins(arch: str = "compute_80") -> None:
         return trtp.from_shape_expr((s[0], s[1], s[3], s[4]), dtype=trt.float32)
 
     @trtp.autotune(PLUGIN_IDS[1])
-    def _reduce_tune(partials: trtp.TensorDesc, outputs):
+    def _reduce_tune(partials: trtp.TensorDesc, outputs) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, FP32")]
 
     @trtp.aot_impl(PLUGIN_IDS[1])
-    def _reduce_aot(partials: trtp.TensorDesc, outputs, tactic: int):
+    def _reduce_aot(partials: trtp.TensorDesc, outputs, tactic: int
+                    ) -> tuple[str, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         s = partials.shape_expr
         elements = s[3] * s[4]
         launch = K.reduce_launch(s[0], s[1], elements, cdiv=trtp.cdiv)
@@ -141,25 +186,29 @@ def register_plugins(arch: str = "compute_80") -> None:
         return K.REDUCE_KERNEL, _reduce_ptx(arch), _launch_params(trtp, launch), extra
 
     @trtp.register(PLUGIN_IDS[2])
-    def _apply_desc(q: trtp.TensorDesc, state: trtp.TensorDesc, heads: int, eps: float) -> trtp.TensorDesc:
+    def _apply_desc(q: trtp.TensorDesc, state: trtp.TensorDesc, heads: Int32Attr, eps: Float32Attr
+                    ) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.autotune(PLUGIN_IDS[2])
-    def _apply_tune(q: trtp.TensorDesc, state: trtp.TensorDesc, outputs):
-        return [trtp.AutoTuneCombination(f"{io_types}, FP32, {io_types}")]
+    def _apply_tune(q: trtp.TensorDesc, state: trtp.TensorDesc, outputs) -> list[trtp.AutoTuneCombination]:
+        return tune("FP32, FP32, FP32", "FP16|BF16, FP32, FP16|BF16")
 
+    # tensorrt.plugin passes every attribute positionally, in registration order: keep both.
     @trtp.aot_impl(PLUGIN_IDS[2])
-    def _apply_aot(q: trtp.TensorDesc, state: trtp.TensorDesc, heads: int, eps: float, outputs, tactic: int):
+    def _apply_aot(q: trtp.TensorDesc, state: trtp.TensorDesc, heads: Int32Attr, eps: Float32Attr, outputs,
+                   tactic: int) -> tuple[str, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        h = int(heads[0])
         dtype = _dtype_name(trt, q.dtype)
-        d = _head_dim(q.shape_expr[2], heads)
-        t = K.tiling(d)
+        d = _head_dim(q.shape_expr[2], h)
+        tactic = _kernel_tactic(tactic)
         b, n = q.shape_expr[0], q.shape_expr[1]
-        launch = K.apply_launch(n, b, heads, t, cdiv=trtp.cdiv)
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(heads),
-                                             trtp.SymInt32(K.eps_bits(eps))])
-        return K.apply_kernel(dtype, d), _ptx(dtype, d, arch), _launch_params(trtp, launch), extra
+        launch = K.apply_launch(n, b, h, K.tiling(d), cdiv=trtp.cdiv, tactic=tactic)
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h),
+                                             trtp.SymInt32(K.eps_bits(float(eps[0])))])
+        return K.apply_kernel(dtype, d, tactic), _ptx(dtype, d, arch), _launch_params(trtp, launch), extra
 
-    _registered["arch"] = arch
+    _registered.update(arch=arch, kernels=kernels)
 
 
 def _launch_params(trtp, launch: K.Launch):
@@ -170,11 +219,13 @@ def _launch_params(trtp, launch: K.Launch):
     return params
 
 
-def plugin_record(enabled: bool, arch: str | None = None) -> dict:
+def plugin_record(enabled: bool, arch: str | None = None, kernels: str = "auto") -> dict:
     """What engines.json records about the plugin."""
     record = {"names": list(PLUGIN_IDS), "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
               "enabled": enabled, "implementation": "aot" if enabled else "inlined ONNX function"}
     if enabled:
         record["kernel_arch"] = arch
-        record["kernel_source"] = f"engines/kernels/{K.SOURCE_NAME}"
+        record["kernel_source"] = [f"engines/kernels/{K.SOURCE_NAME}", f"engines/kernels/{K.TC_SOURCE_NAME}"]
+        record["kernel_tactics"] = {dtype: [K.TACTIC_NAMES[t] for t in offered_tactics(dtype, arch, kernels)]
+                                    for dtype in K.DTYPES}
     return record

@@ -57,8 +57,8 @@ def all_source():
 def test_compiles_to_ptx_and_cubin_without_spills(all_source, arch):
     ptx, _ = K.nvcc_compile(all_source, arch, "ptx")
     entries = set(K.ptx_entries(ptx))
-    expected = {K.state_kernel(dt, d) for dt, d in K.all_variants()} | {
-        K.apply_kernel(dt, d) for dt, d in K.all_variants()} | {K.REDUCE_KERNEL}
+    expected = K.kernel_names(K.all_variants(), arch)
+    assert any("_tc_" in name for name in expected), "tensor-core kernels are expected on sm_80+"
     assert expected <= entries, f"missing entry points: {sorted(expected - entries)}"
     _, log = K.nvcc_compile(all_source, arch, "cubin", ["-Xptxas", "-v"])
     reports = K.parse_ptxas(log)
@@ -127,7 +127,9 @@ SHIM = r"""
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 #define LINFUSION_HOST_EMULATION 1
@@ -150,12 +152,61 @@ static inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4
 static inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 static inline float linfusion_host_half_to_float(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
 static inline unsigned short linfusion_host_float_to_half(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
+// Warp collectives (mma.sync, __shfl_sync): every lane posts its registers, a per-warp
+// barrier, every lane reads what it needs, a second barrier before the slots are reused.
+struct LinfusionEmuWarp { unsigned a[32][4]; unsigned b[32][2]; float f[32]; };
+static LinfusionEmuWarp linfusion_emu_warps[32];
+static std::vector<std::barrier<>*> linfusion_emu_warp_barriers;
+static inline void linfusion_emu_warp_sync() { linfusion_emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+static inline float __shfl_sync(unsigned, float value, int src) {
+    LinfusionEmuWarp& w = linfusion_emu_warps[threadIdx.x / 32];
+    w.f[threadIdx.x % 32] = value;
+    linfusion_emu_warp_sync();
+    const float got = w.f[src % 32];
+    linfusion_emu_warp_sync();
+    return got;
+}
+static inline float linfusion_emu_element(bool bf16, unsigned word, int high) {
+    const unsigned short h = high ? (unsigned short)(word >> 16) : (unsigned short)(word & 0xffffu);
+    if (bf16) { const unsigned u = (unsigned)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+    _Float16 x; std::memcpy(&x, &h, 2); return (float)x;
+}
+// D = A B + C for mma.m16n8k16.row.col with float32 accumulators, element positions as the
+// PTX ISA's fragment tables give them (groupID = lane / 4, threadID_in_group = lane % 4).
+static void linfusion_host_mma_m16n8k16(bool bf16, float* c, const unsigned* a, const unsigned* b) {
+    LinfusionEmuWarp& w = linfusion_emu_warps[threadIdx.x / 32];
+    const int lane = threadIdx.x % 32;
+    std::memcpy(w.a[lane], a, 16);
+    std::memcpy(w.b[lane], b, 8);
+    linfusion_emu_warp_sync();
+    auto A = [&](int row, int col) {  // a_i: row groupID (+8), col 2*tig + (i & 1) (+8 for i >= 4)
+        return linfusion_emu_element(bf16, w.a[(row % 8) * 4 + (col % 8) / 2][row / 8 + 2 * (col / 8)], col % 2);
+    };
+    auto B = [&](int row, int col) {  // b_i: row 2*tig + (i & 1) (+8 for i >= 2), col groupID
+        return linfusion_emu_element(bf16, w.b[col * 4 + (row % 8) / 2][row / 8], row % 2);
+    };
+    float d[4];
+    for (int r = 0; r < 4; ++r) {  // c_i: row groupID (+8 for i >= 2), col 2*tig + (i & 1)
+        const int row = lane / 4 + 8 * (r / 2), col = 2 * (lane % 4) + r % 2;
+        float sum = c[r];
+        for (int kk = 0; kk < 16; ++kk) sum += A(row, kk) * B(kk, col);
+        d[r] = sum;
+    }
+    linfusion_emu_warp_sync();
+    std::memcpy(c, d, 16);
+}
 static void linfusion_emu_launch(unsigned gx, unsigned gy, unsigned bx, const std::function<void()>& body) {
     gridDim = {gx, gy, 1}; blockDim = {bx, 1, 1};
     for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
         blockIdx = {x, y, 0};
         std::barrier<> bar((std::ptrdiff_t)bx);
         linfusion_emu_barrier = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+        linfusion_emu_warp_barriers.clear();
+        for (unsigned w = 0; w < (bx + 31) / 32; ++w) {
+            warp_bars.emplace_back(new std::barrier<>((std::ptrdiff_t)std::min(32u, bx - 32 * w)));
+            linfusion_emu_warp_barriers.push_back(warp_bars.back().get());
+        }
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < bx; ++t) threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
         for (auto& th : threads) th.join();
@@ -167,9 +218,9 @@ static void linfusion_emu_launch(unsigned gx, unsigned gy, unsigned bx, const st
 def _host_wrappers(variants):
     lines = ['extern "C" void host_reduce(const float* p, int s, int e, float* out, unsigned gx, unsigned gy, unsigned bx)'
              ' { linfusion_emu_launch(gx, gy, bx, [&] { linfusion_la_reduce(p, s, e, out); }); }']
-    for dtype, d in variants:
+    for dtype, d, tactic in ((dt, d, tc) for dt, d in variants for tc in K.tactics(dt, "sm_90")):
         io = K.IO_TRAITS[dtype]
-        st, ap = K.state_kernel(dtype, d), K.apply_kernel(dtype, d)
+        st, ap = K.state_kernel(dtype, d, tactic), K.apply_kernel(dtype, d, tactic)
         lines.append(f'extern "C" void host_{st}(const void* k, const void* v, int n, int h, float* p, unsigned gx, '
                      f'unsigned gy, unsigned bx) {{ linfusion_emu_launch(gx, gy, bx, [&] {{ {st}((const {io}::T*)k, '
                      f'(const {io}::T*)v, n, h, p); }}); }}')
@@ -179,7 +230,7 @@ def _host_wrappers(variants):
     return "\n".join(lines) + "\n"
 
 
-HOST_VARIANTS = [(dt, d) for dt in K.DTYPES for d in K.STANDARD_HEAD_DIMS] + [("float32", 6)]
+HOST_VARIANTS = [(dt, d) for dt in K.DTYPES for d in K.STANDARD_HEAD_DIMS] + [("float32", 6), ("float16", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +242,7 @@ def host_lib(tmp_path_factory):
     src = tmp / "host.cpp"
     src.write_text(SHIM + K.kernel_source(HOST_VARIANTS) + _host_wrappers(HOST_VARIANTS))
     lib = tmp / "libhost.so"
-    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(src)],
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(src)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(lib))
@@ -200,7 +251,7 @@ def host_lib(tmp_path_factory):
 NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
-def run_host(lib, q, k, v, heads, eps, dtype):
+def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE):
     """Launch state -> reduce -> apply exactly as the plugins do; outputs poisoned first."""
     b, n, c = q.shape
     d = c // heads
@@ -210,12 +261,12 @@ def run_host(lib, q, k, v, heads, eps, dtype):
     state = np.full((b, heads, d, d + 1), np.nan, np.float32)
     out = np.full(q.shape, np.nan, NP_DTYPE[dtype])
     ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
-    g = K.state_launch(s, b, heads, t)
-    getattr(lib, f"host_{K.state_kernel(dtype, d)}")(ptr(k), ptr(v), n, heads, ptr(partials), g.grid[0], g.grid[1], g.block[0])
+    g = K.state_launch(s, b, heads, t, tactic)
+    getattr(lib, f"host_{K.state_kernel(dtype, d, tactic)}")(ptr(k), ptr(v), n, heads, ptr(partials), g.grid[0], g.grid[1], g.block[0])
     g = K.reduce_launch(b, heads, t.state_elements)
     lib.host_reduce(ptr(partials), s, t.state_elements, ptr(state), g.grid[0], g.grid[1], g.block[0])
-    g = K.apply_launch(n, b, heads, t)
-    getattr(lib, f"host_{K.apply_kernel(dtype, d)}")(ptr(q), ptr(state), n, heads, K.eps_bits(eps), ptr(out),
+    g = K.apply_launch(n, b, heads, t, tactic=tactic)
+    getattr(lib, f"host_{K.apply_kernel(dtype, d, tactic)}")(ptr(q), ptr(state), n, heads, K.eps_bits(eps), ptr(out),
                                                      g.grid[0], g.grid[1], g.block[0])
     return out, state
 
@@ -223,17 +274,18 @@ def run_host(lib, q, k, v, heads, eps, dtype):
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
-CASES = [(dtype, d, heads, batch, tokens) for dtype in K.DTYPES
+CASES = [(dtype, d, heads, batch, tokens, tactic) for dtype in K.DTYPES for tactic in K.tactics(dtype, "sm_90")
          for d, heads, batch, tokens in [(40, 2, 1, 300), (64, 1, 2, 517), (80, 2, 1, 97), (160, 1, 2, 65)]]
-CASES.append(("float32", 6, 3, 1, 40))  # an odd head dim, built for float32 only
+CASES += [("float32", 6, 3, 1, 40, K.CUDA_CORE),  # an odd head dim
+          ("float16", 6, 3, 1, 300, K.TENSOR_CORE)]
 
 
-@pytest.mark.parametrize("dtype,d,heads,batch,tokens", CASES)
-def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, tokens):
+@pytest.mark.parametrize("dtype,d,heads,batch,tokens,tactic", CASES)
+def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, tokens, tactic):
     rng = np.random.default_rng(d * 1000 + tokens)
     q, k, v = (rng.standard_normal((batch, tokens, heads * d)).astype(NP_DTYPE[dtype]) for _ in range(3))
     eps = 1e-4
-    out, state = run_host(host_lib, q, k, v, heads, eps, dtype)
+    out, state = run_host(host_lib, q, k, v, heads, eps, dtype, tactic)
     ref = reference(q, k, v, heads, eps)
     got = out.astype(np.float64)
     assert np.isfinite(got).all(), "some outputs were never written (poison survived)"
@@ -243,7 +295,9 @@ def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, t
     kf, vf = (np.asarray(x, np.float64).reshape(batch, tokens, heads, d).transpose(0, 2, 1, 3) for x in (k, v))
     pk = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
     want = np.concatenate([pk.transpose(0, 1, 3, 2) @ vf / tokens, pk.mean(axis=2)[..., None]], axis=-1)
-    assert np.abs(state - want).max() <= 1e-5 * np.abs(want).max()
+    # tensor-core products see phi(k) rounded to the I/O type; sums stay float32
+    state_tolerance = 1e-5 if tactic == K.CUDA_CORE else TOLERANCE[dtype]
+    assert np.abs(state - want).max() <= state_tolerance * np.abs(want).max()
 
 
 def test_host_emulated_kernels_are_deterministic(host_lib):

@@ -75,6 +75,14 @@ class DeviceBuffer:
             self.ptr = 0
 
 
+_LOGGERS: dict[int, object] = {}
+
+
+def _logger(trt):
+    """One logger per process: TensorRT keeps the first logger a runtime or builder was given."""
+    return _LOGGERS.setdefault(id(trt), trt.Logger(trt.Logger.WARNING))
+
+
 class SharedContextMemory:
     """One activation block for all execution contexts; grows and rebinds them when needed."""
 
@@ -93,6 +101,10 @@ class SharedContextMemory:
                 self._bind(ctx)
         else:
             self._bind(context)
+
+    def detach(self, context) -> None:
+        """Forget a closed runner's context so that it is neither kept alive nor rebound."""
+        self.contexts = [c for c in self.contexts if c is not context]
 
     def _bind(self, context) -> None:
         if hasattr(context, "set_device_memory"):
@@ -176,7 +188,8 @@ class TensorRTRunner(ModelRunner):
             out_shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.engine_outputs}
             buffers = self._buffers_for(key, {**shapes, **out_shapes})
             for n in self.io:
-                self.context.set_tensor_address(n, buffers[n].ptr)
+                if not self.context.set_tensor_address(n, buffers[n].ptr):
+                    raise CudaError(f"{self.name}: TensorRT rejected the device address of '{n}'")
             for n, a in feed.items():
                 _check(cudart.cudaMemcpyAsync(buffers[n].ptr, a.ctypes.data, a.nbytes, h2d, stream))
             if not self.context.execute_async_v3(stream):
@@ -194,6 +207,9 @@ class TensorRTRunner(ModelRunner):
             for buf in buffers.values():
                 buf.free()
         self.buffers.clear()
+        if self.context is not None:
+            with self.backend.lock:
+                self.backend.memory.detach(self.context)
         self.context = None
         self.engine = None
 
@@ -203,7 +219,7 @@ class TensorRTBackend(Backend):
 
     def __init__(self) -> None:
         self.trt = self.import_tensorrt()
-        self.trt_logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.trt_logger = _logger(self.trt)
         self.runtime = self.trt.Runtime(self.trt_logger)
         self.lock = threading.RLock()
         self.memory = SharedContextMemory()
@@ -260,6 +276,8 @@ class TensorRTBackend(Backend):
             raise EngineManifestError(f"TensorRT could not deserialize {path}; rebuild the engines")
         strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
         context = engine.create_execution_context(strategy)
+        if context is None:
+            raise CudaError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
         size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(engine.num_optimization_profiles)) \
             if hasattr(engine, "get_device_memory_size_for_profile_v2") else engine.device_memory_size
         with self.lock:
