@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 SOURCE_NAME = "linear_attention.cu"
-TC_SOURCE_NAME = "linear_attention_mma.cu"
+SOURCE_FILES = (SOURCE_NAME, "tensor_core.cu", "linear_attention_tc.cu")
+"""Concatenated in this order: CUDA-core kernels, tensor-core primitives, tensor-core kernels."""
 DTYPES = ("float32", "float16", "bfloat16")
 SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 IO_TRAITS = {"float32": "LinfusionF32", "float16": "LinfusionF16", "bfloat16": "LinfusionBF16"}
@@ -55,6 +56,8 @@ TENSOR_CORE = 2
 float32 accumulation for fp16/bf16 I/O on sm_80 and newer."""
 TACTIC_NAMES = {CUDA_CORE: "cuda-core", TENSOR_CORE: "tensor-core"}
 TENSOR_CORE_MIN_ARCH = 80
+TENSOR_CORE_MAX_HEAD_DIM = 192
+"""The tensor-core state kernel keeps the D x D accumulators in registers; beyond 192 it spills."""
 
 
 class KernelCompileError(RuntimeError):
@@ -154,8 +157,8 @@ class TensorCoreTiling:
 @cache
 def tensor_core_tiling(head_dim: int) -> TensorCoreTiling:
     """Widest column tile that fits with 128 or 64 tokens per pass, else with fewer tokens."""
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} is outside the supported range 1..{MAX_HEAD_DIM}")
+    if not 1 <= head_dim <= TENSOR_CORE_MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is outside the tensor-core range 1..{TENSOR_CORE_MAX_HEAD_DIM}")
     dn = (head_dim + 7) // 8 * 8
     columns = [c for c in range(dn, 7, -8) if dn % c == 0]
     for tokens_options in ((128, 64), (32, 16)):
@@ -167,9 +170,11 @@ def tensor_core_tiling(head_dim: int) -> TensorCoreTiling:
     raise ValueError(f"no tensor-core tiling fits head dim {head_dim}")  # pragma: no cover
 
 
-def tactics(dtype: str, arch: str = "compute_80") -> tuple[int, ...]:
-    """The kernel tactics offered for an I/O dtype on an NVRTC/nvcc target (compute_XX / sm_XX)."""
-    if dtype != "float32" and int(arch.split("_")[1]) >= TENSOR_CORE_MIN_ARCH:
+def tactics(dtype: str, arch: str = "compute_80", head_dim: int | None = None) -> tuple[int, ...]:
+    """The kernel tactics that exist for an I/O dtype on an NVRTC/nvcc target (compute_XX /
+    sm_XX) and, when given, a head dim."""
+    if (dtype != "float32" and int(arch.split("_")[1]) >= TENSOR_CORE_MIN_ARCH
+            and (head_dim is None or head_dim <= TENSOR_CORE_MAX_HEAD_DIM)):
         return (CUDA_CORE, TENSOR_CORE)
     return (CUDA_CORE,)
 
@@ -258,9 +263,9 @@ def apply_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
 
 
 def base_source() -> str:
-    """The shipped kernel files (package data ``engines/kernels/*.cu``), CUDA-core kernels first."""
+    """The shipped kernel files (package data ``engines/kernels/*.cu``) in SOURCE_FILES order."""
     folder = Path(__file__).resolve().parent / "kernels"
-    return (folder / SOURCE_NAME).read_text() + "\n" + (folder / TC_SOURCE_NAME).read_text()
+    return "\n".join((folder / name).read_text() for name in SOURCE_FILES)
 
 
 def kernel_source(variants: Iterable[tuple[str, int]]) -> str:
@@ -272,7 +277,7 @@ def kernel_source(variants: Iterable[tuple[str, int]]) -> str:
         t = tiling(d)
         lines.append(f"LINFUSION_DEFINE_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
                      f"{t.state_cols}, {t.apply_cols}, {t.apply_tokens})")
-        if dtype != "float32":
+        if TENSOR_CORE in tactics(dtype, "sm_90", d):
             tc = tensor_core_tiling(d)
             lines.append(f"LINFUSION_DEFINE_TC_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
                          f"{tc.apply_cols}, {tc.apply_tokens}, {tc.apply_rows})")
@@ -283,7 +288,7 @@ def kernel_names(variants: Iterable[tuple[str, int]], arch: str = "compute_80") 
     """Every entry point ``kernel_source(variants)`` defines when compiled for ``arch``."""
     names = {REDUCE_KERNEL}
     for dtype, d in variants:
-        for tactic in tactics(dtype, arch):
+        for tactic in tactics(dtype, arch, d):
             names |= {state_kernel(dtype, d, tactic), apply_kernel(dtype, d, tactic)}
     return names
 

@@ -114,9 +114,10 @@ def offered_tactics(dtype: str, arch: str, kernels: str = "auto") -> tuple[int, 
     return available
 
 
-def _kernel_tactic(tactic: int) -> int:
-    """TensorRT passes 0 (its default tactic) when a combination declares none."""
-    return tactic if tactic in K.TACTIC_NAMES else K.CUDA_CORE
+def _kernel_tactic(tactic: int, dtype: str, head_dim: int, arch: str) -> int:
+    """The kernel for a TensorRT tactic: 0 (TensorRT's default tactic, when a combination declares
+    none) and tactics that do not exist for this head dim map to the CUDA-core kernels."""
+    return tactic if tactic in K.tactics(dtype, arch, head_dim) else K.CUDA_CORE
 
 
 def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
@@ -161,7 +162,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         h = int(heads[0])
         dtype = _dtype_name(trt, k.dtype)
         d = _head_dim(k.shape_expr[2], h)
-        tactic = _kernel_tactic(tactic)
+        tactic = _kernel_tactic(tactic, dtype, d, arch)
         b, n = k.shape_expr[0], k.shape_expr[1]
         launch = K.state_launch(outputs[0].shape_expr[2], b, h, K.tiling(d), tactic)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h)])
@@ -201,7 +202,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         h = int(heads[0])
         dtype = _dtype_name(trt, q.dtype)
         d = _head_dim(q.shape_expr[2], h)
-        tactic = _kernel_tactic(tactic)
+        tactic = _kernel_tactic(tactic, dtype, d, arch)
         b, n = q.shape_expr[0], q.shape_expr[1]
         launch = K.apply_launch(n, b, h, K.tiling(d), cdiv=trtp.cdiv, tactic=tactic)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h),
@@ -225,7 +226,7 @@ def plugin_record(enabled: bool, arch: str | None = None, kernels: str = "auto")
               "enabled": enabled, "implementation": "aot" if enabled else "inlined ONNX function"}
     if enabled:
         record["kernel_arch"] = arch
-        record["kernel_source"] = [f"engines/kernels/{K.SOURCE_NAME}", f"engines/kernels/{K.TC_SOURCE_NAME}"]
+        record["kernel_source"] = [f"engines/kernels/{name}" for name in K.SOURCE_FILES]
         record["kernel_tactics"] = {dtype: [K.TACTIC_NAMES[t] for t in offered_tactics(dtype, arch, kernels)]
                                     for dtype in K.DTYPES}
     return record

@@ -142,6 +142,7 @@ SHIM = r"""
 #define __launch_bounds__(...)
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
 struct float4 { float x, y, z, w; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 static thread_local dim3 threadIdx;
 static dim3 blockIdx, gridDim, blockDim;
 static std::barrier<>* linfusion_emu_barrier = nullptr;
@@ -158,6 +159,7 @@ struct LinfusionEmuWarp { unsigned a[32][4]; unsigned b[32][2]; float f[32]; };
 static LinfusionEmuWarp linfusion_emu_warps[32];
 static std::vector<std::barrier<>*> linfusion_emu_warp_barriers;
 static inline void linfusion_emu_warp_sync() { linfusion_emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+static inline void __syncwarp() { linfusion_emu_warp_sync(); }
 static inline float __shfl_sync(unsigned, float value, int src) {
     LinfusionEmuWarp& w = linfusion_emu_warps[threadIdx.x / 32];
     w.f[threadIdx.x % 32] = value;
@@ -218,7 +220,7 @@ static void linfusion_emu_launch(unsigned gx, unsigned gy, unsigned bx, const st
 def _host_wrappers(variants):
     lines = ['extern "C" void host_reduce(const float* p, int s, int e, float* out, unsigned gx, unsigned gy, unsigned bx)'
              ' { linfusion_emu_launch(gx, gy, bx, [&] { linfusion_la_reduce(p, s, e, out); }); }']
-    for dtype, d, tactic in ((dt, d, tc) for dt, d in variants for tc in K.tactics(dt, "sm_90")):
+    for dtype, d, tactic in ((dt, d, tc) for dt, d in variants for tc in K.tactics(dt, "sm_90", d)):
         io = K.IO_TRAITS[dtype]
         st, ap = K.state_kernel(dtype, d, tactic), K.apply_kernel(dtype, d, tactic)
         lines.append(f'extern "C" void host_{st}(const void* k, const void* v, int n, int h, float* p, unsigned gx, '
@@ -230,7 +232,8 @@ def _host_wrappers(variants):
     return "\n".join(lines) + "\n"
 
 
-HOST_VARIANTS = [(dt, d) for dt in K.DTYPES for d in K.STANDARD_HEAD_DIMS] + [("float32", 6), ("float16", 6)]
+HOST_VARIANTS = [(dt, d) for dt in K.DTYPES for d in K.STANDARD_HEAD_DIMS] + [("float32", 6), ("float16", 6),
+                                                                              ("float16", 200), ("float16", 8)]
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +254,19 @@ def host_lib(tmp_path_factory):
 NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
-def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE):
+def _misaligned(x):
+    """The same values at an address 2 bytes past a 16-byte boundary."""
+    raw = np.empty(x.size * x.itemsize + 16 + 2, np.uint8)
+    start = (-raw.ctypes.data) % 16 + 2
+    y = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    y[...] = x
+    return y
+
+
+def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE, misaligned=False):
     """Launch state -> reduce -> apply exactly as the plugins do; outputs poisoned first."""
+    if misaligned:
+        q, k, v = (_misaligned(x) for x in (q, k, v))
     b, n, c = q.shape
     d = c // heads
     t = K.tiling(d)
@@ -260,6 +274,8 @@ def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE):
     partials = np.full((b, heads, s, d, d + 1), np.nan, np.float32)
     state = np.full((b, heads, d, d + 1), np.nan, np.float32)
     out = np.full(q.shape, np.nan, NP_DTYPE[dtype])
+    if misaligned:
+        out = _misaligned(out)
     ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
     g = K.state_launch(s, b, heads, t, tactic)
     getattr(lib, f"host_{K.state_kernel(dtype, d, tactic)}")(ptr(k), ptr(v), n, heads, ptr(partials), g.grid[0], g.grid[1], g.block[0])
@@ -274,18 +290,24 @@ def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE):
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
-CASES = [(dtype, d, heads, batch, tokens, tactic) for dtype in K.DTYPES for tactic in K.tactics(dtype, "sm_90")
+CASES = [(dtype, d, heads, batch, tokens, tactic, False) for dtype in K.DTYPES
+         for tactic in K.tactics(dtype, "sm_90")
          for d, heads, batch, tokens in [(40, 2, 1, 300), (64, 1, 2, 517), (80, 2, 1, 97), (160, 1, 2, 65)]]
-CASES += [("float32", 6, 3, 1, 40, K.CUDA_CORE),  # an odd head dim
-          ("float16", 6, 3, 1, 300, K.TENSOR_CORE)]
+CASES += [("float32", 6, 3, 1, 40, K.CUDA_CORE, False),  # an odd head dim
+          ("float16", 6, 3, 1, 300, K.TENSOR_CORE, False),  # odd head dim: the scalar tensor-core path
+          ("float16", 64, 2, 1, 300, K.TENSOR_CORE, True),  # misaligned tensors: the scalar path
+          ("bfloat16", 80, 1, 1, 300, K.TENSOR_CORE, True),
+          ("bfloat16", 40, 1, 1, 1, K.TENSOR_CORE, False),  # one token
+          ("float16", 160, 1, 1, 17, K.TENSOR_CORE, False),
+          ("float16", 200, 1, 1, 70, K.CUDA_CORE, False)]  # beyond the tensor-core head dims
 
 
-@pytest.mark.parametrize("dtype,d,heads,batch,tokens,tactic", CASES)
-def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, tokens, tactic):
+@pytest.mark.parametrize("dtype,d,heads,batch,tokens,tactic,misaligned", CASES)
+def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, tokens, tactic, misaligned):
     rng = np.random.default_rng(d * 1000 + tokens)
     q, k, v = (rng.standard_normal((batch, tokens, heads * d)).astype(NP_DTYPE[dtype]) for _ in range(3))
     eps = 1e-4
-    out, state = run_host(host_lib, q, k, v, heads, eps, dtype, tactic)
+    out, state = run_host(host_lib, q, k, v, heads, eps, dtype, tactic, misaligned)
     ref = reference(q, k, v, heads, eps)
     got = out.astype(np.float64)
     assert np.isfinite(got).all(), "some outputs were never written (poison survived)"
@@ -298,6 +320,28 @@ def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, t
     # tensor-core products see phi(k) rounded to the I/O type; sums stay float32
     state_tolerance = 1e-5 if tactic == K.CUDA_CORE else TOLERANCE[dtype]
     assert np.abs(state - want).max() <= state_tolerance * np.abs(want).max()
+
+
+@pytest.mark.parametrize("tactic", [K.CUDA_CORE, K.TENSOR_CORE])
+def test_host_emulated_state_with_an_empty_last_split(host_lib, tactic):
+    """S = 342 splits of ceil(87553 / 342) = 257 tokens: the last split has none and must write zeros."""
+    d, heads, tokens = 8, 3, 87553
+    t = K.tiling(d)
+    s = K.num_splits(tokens, 1, heads, t)
+    assert (s - 1) * -(-tokens // s) >= tokens, "the case must have an empty last split"
+    rng = np.random.default_rng(5)
+    k, v = (rng.standard_normal((1, tokens, heads * d)).astype(np.float16) for _ in range(2))
+    partials = np.full((1, heads, s, d, d + 1), np.nan, np.float32)
+    ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
+    g = K.state_launch(s, 1, heads, t, tactic)
+    getattr(host_lib, f"host_{K.state_kernel('float16', d, tactic)}")(ptr(k), ptr(v), tokens, heads, ptr(partials),
+                                                                     g.grid[0], g.grid[1], g.block[0])
+    assert np.isfinite(partials).all() and not partials[:, :, -1].any()
+    kf, vf = (x.astype(np.float64).reshape(tokens, heads, d).transpose(1, 0, 2) for x in (k, v))
+    pk = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
+    want = np.concatenate([pk.transpose(0, 2, 1) @ vf / tokens, pk.mean(axis=1)[..., None]], axis=-1)
+    got = partials.sum(axis=2)[0]
+    assert np.abs(got - want).max() <= TOLERANCE["float16"] * np.abs(want).max()
 
 
 def test_host_emulated_kernels_are_deterministic(host_lib):

@@ -87,6 +87,29 @@ __device__ __forceinline__ float linfusion_phi(float x) { return x > 0.0f ? x + 
 // Tokens staged in shared memory per iteration of the state kernel.
 #define LINFUSION_STATE_CHUNK 32
 
+// Global loads each thread keeps in flight while staging a tile into shared memory.
+#define LINFUSION_STAGE_BATCH 8
+
+// Stages `total` elements: BATCH loads are issued before any is used (a load followed at once by
+// phi's branch would leave one load per warp in flight), then store(e, x) transforms and writes.
+// load(e) must return 0 for padding without touching memory.
+template <int BATCH, class Load, class Store>
+__device__ __forceinline__ void linfusion_stage(int total, int threads, const Load& load, const Store& store) {
+    for (int e0 = threadIdx.x; e0 < total; e0 += BATCH * threads) {
+        float raw[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const int e = e0 + u * threads;
+            raw[u] = e < total ? load(e) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const int e = e0 + u * threads;
+            if (e < total) store(e, raw[u]);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // state: per-split partial kv (columns [jt*TJ, jt*TJ+TJ)) and, for jt == 0, the phi(k) sum.
 // Thread (ti, tj) owns a 4x4 register tile: rows 4*ti.., columns 4*tj.. of the block's tile.
@@ -128,23 +151,24 @@ __device__ __forceinline__ void linfusion_state(const typename IO::T* __restrict
     float ksum = 0.0f;
 
     for (int n0 = begin; n0 < end; n0 += CH) {
-        for (int e = tid; e < CH * DP; e += THREADS) {
-            const int t = e / DP;
-            const int i = e - t * DP;
-            const int n = n0 + t;
-            float x = 0.0f;  // padding rows and tokens past the split contribute nothing
-            if (i < D && n < end) x = linfusion_phi(IO::load(k_base + (long long)n * row_stride + i));
-            s_k[t][i] = x;
-        }
-        for (int e = tid; e < CH * TJ; e += THREADS) {
-            const int t = e / TJ;
-            const int j = e - t * TJ;
-            const int n = n0 + t;
-            const int col = col0 + j;
-            float x = 0.0f;
-            if (col < D && n < end) x = IO::load(v_base + (long long)n * row_stride + col);
-            s_v[t][j] = x;
-        }
+        // padding rows and tokens past the split contribute nothing (0, not phi(0))
+        linfusion_stage<LINFUSION_STAGE_BATCH>(
+            CH * DP, THREADS,
+            [&](int e) {
+                const int t = e / DP, i = e - t * DP;
+                return (i < D && n0 + t < end) ? IO::load(k_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
+            },
+            [&](int e, float x) {
+                const int t = e / DP, i = e - t * DP;
+                s_k[t][i] = (i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f;
+            });
+        linfusion_stage<LINFUSION_STAGE_BATCH>(
+            CH * TJ, THREADS,
+            [&](int e) {
+                const int t = e / TJ, col = col0 + e - t * TJ;
+                return (col < D && n0 + t < end) ? IO::load(v_base + (long long)(n0 + t) * row_stride + col) : 0.0f;
+            },
+            [&](int e, float x) { s_v[e / TJ][e % TJ] = x; });
         __syncthreads();
 #pragma unroll 4
         for (int t = 0; t < CH; ++t) {
@@ -231,12 +255,16 @@ __device__ __forceinline__ void linfusion_apply(const typename IO::T* __restrict
         s_kv[i][j] = (i < D && col < D) ? st[i * (D + 1) + col] : 0.0f;
     }
     for (int i = tid; i < DP; i += THREADS) s_mean[i] = i < D ? st[i * (D + 1) + D] : 0.0f;
-    for (int e = tid; e < TOK * DP; e += THREADS) {
-        const int t = e / DP;
-        const int i = e - t * DP;
-        const int n = n0 + t;
-        s_q[t][i] = (i < D && n < n_tokens) ? linfusion_phi(IO::load(q_base + (long long)n * row_stride + i)) : 0.0f;
-    }
+    linfusion_stage<LINFUSION_STAGE_BATCH>(
+        TOK * DP, THREADS,
+        [&](int e) {
+            const int t = e / DP, i = e - t * DP;
+            return (i < D && n0 + t < n_tokens) ? IO::load(q_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
+        },
+        [&](int e, float x) {
+            const int t = e / DP, i = e - t * DP;
+            s_q[t][i] = (i < D && n0 + t < n_tokens) ? linfusion_phi(x) : 0.0f;
+        });
     __syncthreads();
     for (int t = tid; t < TOK; t += THREADS) {
         float z = 0.0f;
