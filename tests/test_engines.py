@@ -85,6 +85,17 @@ def test_component_profiles_follow_the_manifest(sd_export):
     assert static[0].shapes["sample"][0][2:] == static[0].shapes["sample"][2][2:] == [128 // factor, 256 // factor]
 
 
+@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl"])
+def test_every_dynamic_input_has_a_range(exported, preset):
+    """What linfusion-build's add_profiles demands of each profile, on real manifests."""
+    manifest = load_manifest(exported(preset))
+    spatial = spatial_profiles(manifest.pixel_multiple, 128, 256, 512)
+    for name, component in manifest.components.items():
+        for profile in component_profiles(manifest, name, spatial, Range(1, 1, 4)):
+            dynamic = {t.name for t in component.inputs if any(isinstance(s, str) for s in t.shape)}
+            assert dynamic <= set(profile.shapes) <= {t.name for t in component.inputs}, name
+
+
 # --- engines.json -------------------------------------------------------------------------------
 
 def _manifest() -> EngineManifest:
