@@ -148,6 +148,7 @@ static dim3 blockIdx, gridDim, blockDim;
 static std::barrier<>* linfusion_emu_barrier = nullptr;
 static inline void __syncthreads() { linfusion_emu_barrier->arrive_and_wait(); }
 static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
@@ -342,6 +343,27 @@ def test_host_emulated_state_with_an_empty_last_split(host_lib, tactic):
     want = np.concatenate([pk.transpose(0, 2, 1) @ vf / tokens, pk.mean(axis=1)[..., None]], axis=-1)
     got = partials.sum(axis=2)[0]
     assert np.abs(got - want).max() <= TOLERANCE["float16"] * np.abs(want).max()
+
+
+@pytest.mark.parametrize("tactic", [K.CUDA_CORE, K.TENSOR_CORE])
+@pytest.mark.parametrize("k_shift,v_scale", [(3.0, 2e4), (-10.0, 0.1)])
+def test_host_emulated_fp16_kernels_keep_extreme_states(host_lib, tactic, k_shift, v_scale):
+    """kv = phi(k)^T v / N beyond fp16's 65504 (phi(k) ~ 4, v ~ 2e4), or in its subnormals
+    (phi(k) ~ 5e-5), while q, k, v and the output are ordinary fp16: the tensor-core apply feeds
+    kv to the MMA in fp16 and must rescale it rather than overflow or lose digits."""
+    rng = np.random.default_rng(11)
+    d, heads, tokens = 64, 2, 300
+    shape = (1, tokens, heads * d)
+    q = rng.standard_normal(shape).astype(np.float16)
+    k = (k_shift + 0.5 * rng.standard_normal(shape)).astype(np.float16)
+    v = (v_scale * (1 + 0.2 * rng.standard_normal(shape))).astype(np.float16)
+    out, state = run_host(host_lib, q, k, v, heads, 1e-4, "float16", tactic)
+    kv = np.abs(state[..., :d]).max()
+    assert kv > 65504 or kv < 2.0**-14, "the case must put kv outside fp16's normal range"
+    ref = reference(q, k, v, heads, 1e-4)
+    got = out.astype(np.float64)
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= TOLERANCE["float16"] * np.abs(ref).max()
 
 
 def test_host_emulated_kernels_are_deterministic(host_lib):

@@ -14,8 +14,9 @@
 // Precision: phi(k), v, phi(q) and kv are rounded to the I/O type for the products (v and the
 // I/O already are); every sum is float32. The phi(k) sum and the normaliser z = phi(q) . mean come
 // out of the same MMAs (a column of ones, an extra kv column), so they see the same rounded phi
-// values as kv and the numerator. The fp16 apply kernel rounds kv and the mean to fp16, so |kv|
-// must stay below 65504 (the CUDA-core tactic keeps them float32).
+// values as kv and the numerator. Before the apply kernel rounds its kv tile and the mean to the
+// I/O type, it scales them (and eps) by a power of two that puts the largest into [2^13, 2^14),
+// so fp16 neither overflows nor falls into subnormals; the result is unchanged.
 //
 // Memory: the products are cheap on tensor cores, so the kernels are bound by how many loads are
 // in flight. With D % 8 == 0 and 16-byte aligned tensors (checked at run time, block-uniform),
@@ -197,6 +198,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     constexpr int QV = TOK * VPR / THREADS; // = DK / 16 vectors per thread and pass
     constexpr int OV = TJ / 8;              // 16-byte output vectors per token
     static_assert(TOK * VPR % THREADS == 0 && TJ % 8 == 0 && TJ <= LD, "tiling");
+    static_assert(TOK * LD * 2 >= (THREADS + 1) * 4, "s_q doubles as the scratch of the kv scale");
     static_assert(!VEC || D % 8 == 0, "VEC needs whole 16-byte vectors");
 
     const int tid = threadIdx.x;
@@ -211,7 +213,6 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     const int col0 = jt * TJ;
     const int begin = group * ROWS;
     const int end = min(n_tokens, begin + ROWS);
-    const float eps = __int_as_float(eps_bits);
     const float* st = state + (long long)bh * (D * (D + 1));
     const typename IO::T* q_base = q + (long long)b * n_tokens * row_stride + h * D;
     typename IO::T* o_base = out + (long long)b * n_tokens * row_stride + h * D;
@@ -230,13 +231,20 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     };
     if constexpr (VEC) load(begin);  // the first pass's q is in flight while kv is converted
 
-    for (int e = tid; e < DK * (TJ + 8); e += THREADS) {  // consecutive threads read consecutive columns
+    // kv and the mean enter the MMA in the I/O type: scale the tile (and so z and eps) by a power of
+    // two that keeps fp16 in its normal range; out = phi(q) kv / z is unchanged.
+    auto kv_element = [&](int e) {  // consecutive threads read consecutive columns
         const int i = e / (TJ + 8);
         const int j = e - i * (TJ + 8);
         const int col = j == TJ ? D : col0 + j;  // one address per element: the loads batch up
         const bool ok = i < D && (j == TJ || (j < TJ && col < D));
-        s_kv[j][i] = M::bits(ok ? st[i * (D + 1) + col] : 0.0f);
-    }
+        return ok ? st[i * (D + 1) + col] : 0.0f;
+    };
+    float largest = 0.0f;
+    for (int e = tid; e < DK * (TJ + 8); e += THREADS) largest = fmaxf(largest, fabsf(kv_element(e)));
+    const float scale = linfusion_block_pow2_scale(largest, reinterpret_cast<float*>(&s_q[0][0]), THREADS);
+    for (int e = tid; e < DK * (TJ + 8); e += THREADS) s_kv[e % (TJ + 8)][e / (TJ + 8)] = M::bits(scale * kv_element(e));
+    const float eps = __int_as_float(eps_bits) * scale;
 
     const int g = lane >> 2, c2 = 2 * (lane & 3);
     for (int n0 = begin; n0 < end; n0 += TOK) {

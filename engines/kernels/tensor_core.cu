@@ -72,6 +72,30 @@ __device__ __forceinline__ void linfusion_load_b(const unsigned short (*tile)[LD
     b[1] = linfusion_ld32(&tile[col0 + g][k0 + c2 + 8]);
 }
 
+// A power of two that brings the block's largest magnitude into [2^13, 2^14): fp16 then neither
+// overflows (65504) nor drops to subnormals for the values that matter. local: this thread's
+// max |x|; scratch: threads + 1 floats of shared memory, free until the caller's next barrier.
+// Zero, inf and NaN maxima give 1 (inf/NaN propagate as they would unscaled).
+__device__ __forceinline__ float linfusion_block_pow2_scale(float local, float* scratch, int threads) {
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    scratch[tid] = local;
+    __syncthreads();
+    if (tid < 32) {
+        float m = 0.0f;
+        for (int t = lane; t < threads; t += 32) m = fmaxf(m, scratch[t]);
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_sync(0xffffffffu, m, lane ^ offset));
+        if (lane == 0) scratch[threads] = m;
+    }
+    __syncthreads();
+    const float m = scratch[threads];
+    if (!(m > 0.0f) || m > 3.0e38f) return 1.0f;
+    const int exponent = (int)((__float_as_uint(m) >> 23) & 0xffu) - 127;  // floor(log2 m) for normal m
+    const int k = max(-126, min(127, 13 - exponent));
+    return __int_as_float((127 + k) << 23);
+}
+
 // --- 16-byte vectors of eight 16-bit values ---------------------------------------------------
 
 __device__ __forceinline__ unsigned long long linfusion_address(const void* p) {
