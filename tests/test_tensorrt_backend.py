@@ -135,3 +135,51 @@ def test_engines_for_another_gpu_are_refused(built, tmp_path):
     assert not TensorRTBackend.is_available(copy)
     with pytest.raises(EngineManifestError, match="rebuild"):
         TensorRTBackend().manifest(copy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+def test_generation_on_engines_matches_onnxruntime(built):
+    """A whole text-to-image run on the engines (plugins in the UNet) against ONNX Runtime."""
+    from linfusion.runtime.pipeline import Pipeline
+
+    args = dict(prompt="a red cube", height=128, width=128, num_inference_steps=4, seed=3, output_type="np")
+    got = Pipeline.from_export(built, backend="tensorrt")(**args).images.astype(np.float64)
+    want = Pipeline.from_export(built, backend="onnxruntime", providers=["CPUExecutionProvider"])(
+        **args).images.astype(np.float64)
+    mse = np.mean((got - want) ** 2)
+    assert mse == 0 or 10 * np.log10(1.0 / mse) >= 30, f"PSNR {10 * np.log10(1.0 / mse):.1f} dB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+def test_plugin_off_inlines_the_attention_and_matches(exported, tmp_path):
+    from linfusion.engines.builder import BuildOptions, build_all
+    from linfusion.engines.profiles import Range, spatial_profiles
+    from linfusion.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from linfusion.runtime.backends.tensorrt import TensorRTBackend
+    from linfusion.runtime.manifest import load_manifest
+
+    directory = exported("tiny-sd", "fp32")
+    manifest = load_manifest(directory)
+    out = tmp_path / "engines-off"
+    result = build_all(directory, BuildOptions(spatial=spatial_profiles(manifest.pixel_multiple, 64, 128, 128),
+                                               batch=Range(1, 1, 1), output=out, plugin="off",
+                                               components=["unet"]), log=print)
+    assert result.components["unet"].plugin is False and result.plugin["enabled"] is False
+    import shutil
+
+    export_copy = tmp_path / "export"
+    shutil.copytree(directory, export_copy, ignore=shutil.ignore_patterns("engines"))
+    shutil.copytree(out, export_copy / "engines")
+    spec = manifest.components["unet"]
+    trt_runner = TensorRTBackend().load(export_copy, "unet", spec)
+    ort_runner = OnnxRuntimeBackend(providers=["CPUExecutionProvider"]).load(directory, "unet", spec)
+    rng = np.random.default_rng(1)
+    hidden = spec.input("encoder_hidden_states").shape
+    feed = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+            "timestep": np.full(2, 300.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, hidden[1], hidden[2])).astype(np.float32)}
+    got = trt_runner.run(feed)["out_sample"].astype(np.float64)
+    want = ort_runner.run(feed)["out_sample"].astype(np.float64)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
