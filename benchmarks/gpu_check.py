@@ -9,8 +9,8 @@ argument order (inputs, extra int32 scalars, outputs), same grids and blocks (al
 
 Correctness: N in {64, 4096, 65536, 262144 + 77}, head dims 40/64/80/160, batch 1 and 2,
 fp32/fp16/bf16, every kernel tactic the plugins offer (CUDA-core; tensor-core for fp16/bf16
-on sm_80+), against float64 numpy (inputs on the bf16 grid, so that one reference serves the
-three dtypes); error = max |out - ref| / max |ref|; bounds 1e-5
+on sm_80+), against float64 numpy (fp32 and fp16 share inputs on the fp16 grid, so two
+references serve three dtypes); error = max |out - ref| / max |ref|; bounds 1e-5
 (fp32), 2e-3 (fp16), 1.6e-2 (bf16). Large N use 2 heads to keep the numpy reference fast.
 
 Speed (fp16, batch 2, each tactic): time of state+reduce+apply, achieved bandwidth (q, k, v read once and out
@@ -152,7 +152,7 @@ class Launcher:
             state.fill(np.nan)
             out.view(cp.uint16 if q.dtype.itemsize == 2 else cp.uint32).fill(  # all-ones: NaN in every dtype
                 0xFFFF if q.dtype.itemsize == 2 else 0xFFFFFFFF)
-        self.launch(K.state_kernel(dtype, d, tactic), K.state_launch(s, b, heads, t, tactic),
+        self.launch(K.state_kernel(dtype, d, tactic), K.state_launch(s, b, heads, t, tactic=tactic),
                     state_args(k, v, n, heads, partials))
         self.launch(K.REDUCE_KERNEL, K.reduce_launch(b, heads, t.state_elements),
                     reduce_args(partials, s, t.state_elements, state))
@@ -169,14 +169,14 @@ def np_dtype(name):
     return np.dtype(name)
 
 
-def exact_in_every_dtype(x: np.ndarray) -> np.ndarray:
-    """float32 values that bf16, fp16 and fp32 all hold exactly (bf16's 8-bit significand, fp16's
-    normal range), so one float64 reference checks every dtype: the numpy reference is the
-    slowest part of the check."""
-    import ml_dtypes
+GRID_OF = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat16"}
+"""The values each dtype is checked on: fp32 shares fp16's grid (fp32 holds fp16 values exactly),
+so two float64 references serve three dtypes; the numpy reference is the slowest part."""
 
-    y = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-    return np.where(np.abs(y) < 2.0**-14, 0.0, np.clip(y, -60000.0, 60000.0)).astype(np.float32)
+
+def on_grid(x: np.ndarray, grid: str) -> np.ndarray:
+    """float32 copies of x rounded to fp16 or bf16 values (clipped to 57344, exact in both)."""
+    return np.clip(x, -57344.0, 57344.0).astype(np_dtype(grid)).astype(np.float32)
 
 
 def correctness(launcher, rows, arch: str, dtypes=("float32", "float16", "bfloat16")) -> bool:
@@ -187,9 +187,14 @@ def correctness(launcher, rows, arch: str, dtypes=("float32", "float16", "bfloat
         for d in HEAD_DIMS:
             heads = 8 if n <= 4096 else 2
             for batch in (1, 2):
-                host = [exact_in_every_dtype(rng.standard_normal((batch, n, heads * d))) for _ in range(3)]
-                ref = reference(*host, heads)  # one float64 reference serves all three dtypes
+                sample = [rng.standard_normal((batch, n, heads * d)) for _ in range(3)]
+                refs = {}
                 for dtype in dtypes:
+                    grid = GRID_OF[dtype]
+                    host = [on_grid(x, grid) for x in sample]
+                    if grid not in refs:
+                        refs[grid] = reference(*host, heads)
+                    ref = refs[grid]
                     typed = [x.astype(np_dtype(dtype)) for x in host]
                     assert all(np.array_equal(t.astype(np.float32), x) for t, x in zip(typed, host))
                     dev = [cp.asarray(x.view(np.uint16)).view(cp.uint16) if dtype == "bfloat16" else cp.asarray(x)
@@ -241,8 +246,10 @@ def speed(launcher, rows, arch: str) -> None:
             q, k, v = (cp.random.standard_normal((batch, n, heads * d), dtype=cp.float32).astype(cp.float16)
                        for _ in range(3))
             iters = max(3, min(50, int(2e9 // q.nbytes)))
-            per_tactic = {tactic: timed(cp, lambda: launcher.run(q, k, v, heads, "float16", poison=False, tactic=tactic),
-                                        iters) for tactic in K.tactics("float16", arch, d)}
+            per_tactic = {}
+            for tactic in K.tactics("float16", arch, d):
+                per_tactic[tactic] = timed(
+                    cp, lambda tc=tactic: launcher.run(q, k, v, heads, "float16", poison=False, tactic=tc), iters)
             best = min(per_tactic, key=per_tactic.get)  # what TensorRT's tactic timing would pick
             t_fused = per_tactic[best]
             achieved = 4 * q.nbytes / t_fused
@@ -301,15 +308,6 @@ def main(argv=None) -> int:
         arch = args.arch or "sm_90"
         ptx, _ = K.nvcc_compile(K.kernel_source(K.all_variants()), arch, "ptx")
         check_plumbing(ptx, arch)
-        for d in HEAD_DIMS:
-            t = K.tiling(d)
-            for n in NS:
-                for b in (1, 2):
-                    s = K.num_splits(n, b, 8, t)
-                    assert s >= 1 and (s - 1) * -(-n // s) < n, "a split would be empty"
-                    assert K.apply_launch(n, b, 8, t).grid[0] * t.apply_tokens >= n * t.apply_col_tiles
-                    tc = K.tensor_core_tiling(d)
-                    assert K.apply_launch(n, b, 8, t, tactic=K.TENSOR_CORE).grid[0] * tc.apply_rows >= n * tc.apply_col_tiles
         print(f"dry run ok: {len(K.ptx_entries(ptx))} kernels compiled for {arch}, argument lists match the plugins")
         return 0
     import cupy as cp

@@ -15,9 +15,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from linfusion.runtime.backends.tensorrt import CudaError, current_gpu, driver_cuda_version, tensorrt_logger
 from linfusion.runtime.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     EngineManifest,
@@ -28,8 +29,9 @@ from linfusion.runtime.engine_manifest import (
 )
 from linfusion.runtime.manifest import Manifest, load_manifest, sha256_file
 
+from . import kernels as K
 from . import onnx_prep
-from .plugin import KERNEL_CHOICES, aot_support, plugin_record, register_plugins, tensorrt_version_tuple
+from .plugin import aot_support, plugin_record, register_plugins, tensorrt_version_tuple
 from .profiles import Range, SpatialProfile, component_profiles
 
 PLUGIN_MODES = ("auto", "on", "off")
@@ -59,17 +61,24 @@ def import_tensorrt():
 def gpu_info() -> tuple[str, str]:
     """(name, "major.minor") of CUDA device 0, through cuda-python."""
     try:
-        from cuda.bindings import runtime as cudart
+        return current_gpu()
     except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise TensorRTMissing("cuda-python is not installed: pip install cuda-python") from None
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise TensorRTMissing(f"no usable CUDA device: {err}")
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
+        raise TensorRTMissing("cuda-python is not installed: pip install 'linfusion-deploy[gpu]'") from None
+    except CudaError as exc:
+        raise TensorRTMissing(f"no usable CUDA device: {exc}") from None
+
+
+def check_nvrtc_against_driver(log: Callable[[str], None]) -> str:
+    """The NVRTC version, after checking that the driver can load the PTX it writes: a driver
+    only JIT-compiles PTX from CUDA versions up to its own."""
+    nvrtc = K.nvrtc_version()
+    driver = driver_cuda_version()
+    if nvrtc > driver:
+        raise BuildError(f"NVRTC {nvrtc[0]}.{nvrtc[1]} writes PTX that this driver (CUDA {driver[0]}.{driver[1]}) "
+                         f"cannot load: pip install 'nvidia-cuda-nvrtc-cu{driver[0]}=={driver[0]}.{driver[1]}.*' "
+                         "or update the driver")
+    log(f"plugin kernels: NVRTC {nvrtc[0]}.{nvrtc[1]}, driver CUDA {driver[0]}.{driver[1]}")
+    return f"{nvrtc[0]}.{nvrtc[1]}"
 
 
 def resolve_plugin(mode: str, trt, log: Callable[[str], None]) -> bool:
@@ -137,28 +146,23 @@ class _Progress:
 
 
 class _InterruptFlag:
-    """Turns SIGINT into a flag for the duration of a build (main thread only)."""
+    """Turns SIGINT into a flag for the duration of a build (main thread only); the build stops
+    at its next progress step."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self._installed = False
         self._previous = None
 
     def __enter__(self) -> threading.Event:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
+            self._installed = True
         return self.event
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-_LOGGERS: dict[int, object] = {}
-
-
-def _logger(trt):
-    """One logger per process: TensorRT keeps the first logger a builder or runtime was given."""
-    return _LOGGERS.setdefault(id(trt), trt.Logger(trt.Logger.WARNING))
+        if self._installed:  # the previous handler may be None (installed from C): restore it anyway
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def default_timing_cache(output: Path, version: str, capability: str) -> Path:
@@ -181,7 +185,11 @@ def network_flags(trt) -> int:
     """Strongly typed on 10.x; TensorRT 11 always is (its flag is deprecated and ignored)."""
     if tensorrt_version_tuple(trt.__version__)[:1] >= (11,):
         return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise TensorRTMissing(f"TensorRT {trt.__version__} cannot build strongly typed networks; install 10.x "
+                              "(10.10 or newer for the plugins) or 11.x")
+    return 1 << int(flag)
 
 
 def add_profiles(builder, config, network_inputs: dict[str, tuple[int, ...]], profiles: list[ProfileSpec],
@@ -215,9 +223,11 @@ def use_timing_cache(config, path: Path | None, log: Callable[[str], None]):
 
 
 def build_engine(trt, onnx_path: Path, profiles: list[ProfileSpec], options: BuildOptions,
-                 log: Callable[[str], None], timing_cache: Path | None = None) -> memoryview:
-    """The serialized engine (a view of TensorRT's buffer, not a copy)."""
-    logger = _logger(trt)
+                 log: Callable[[str], None]) -> memoryview:
+    """The serialized engine (a view of TensorRT's buffer, not a copy); reuses and updates
+    ``options.timing_cache`` when set."""
+    timing_cache = options.timing_cache
+    logger = tensorrt_logger(trt)
     if hasattr(trt, "init_libnvinfer_plugins"):
         trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
@@ -264,13 +274,18 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
     trt = import_tensorrt()
     manifest = load_manifest(export_dir)
     gpu_name, capability = gpu_info()
+    if options.kernels not in K.KERNEL_CHOICES:
+        raise ValueError(f"--attention-kernels must be one of {', '.join(K.KERNEL_CHOICES)}")
     plugin = resolve_plugin(options.plugin, trt, log)
     arch = "compute_" + capability.replace(".", "")
-    if options.kernels not in KERNEL_CHOICES:
-        raise ValueError(f"--attention-kernels must be one of {', '.join(KERNEL_CHOICES)}")
+    nvrtc = None
     if plugin:
+        nvrtc = check_nvrtc_against_driver(log)
         register_plugins(arch, options.kernels)
-    timing_cache = options.timing_cache or default_timing_cache(options.output, trt.__version__, capability)
+    elif options.kernels != "auto":
+        log(f"--attention-kernels {options.kernels} has no effect: the plugin is off")
+    if options.timing_cache is None:
+        options = replace(options, timing_cache=default_timing_cache(options.output, trt.__version__, capability))
     out = options.output
     out.mkdir(parents=True, exist_ok=True)
     engines = _previous_engines(out, trt.__version__, gpu_name, capability)
@@ -278,32 +293,44 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
     log(f"TensorRT {trt.__version__} on {gpu_name} (sm_{capability.replace('.', '')}); plugin "
         f"{'on' if plugin else 'off'}; building {', '.join(selected)}")
     started = time.monotonic()
+
+    def write_manifest() -> EngineManifest:
+        result = EngineManifest(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+                                components=engines, plugin=plugin_record(plugin, arch if plugin else None,
+                                                                         options.kernels, nvrtc),
+                                tools={"tensorrt": trt.__version__})
+        _write_atomic(out / ENGINE_MANIFEST_NAME, result.to_json().encode())
+        return result
+
+    built = 0
     with tempfile.TemporaryDirectory(prefix="linfusion-build-", dir=out) as scratch:
-        for index, name in enumerate(selected, 1):
-            spec = manifest.components[name]
-            source = export_dir / spec.path
-            use_plugin = plugin and spec.linear_attention_nodes > 0
-            prepared = onnx_prep.prepare(source, Path(scratch) / name / "model.onnx", use_plugin)
-            profiles = component_profiles(manifest, name, options.spatial, options.batch)
-            log(f"[{index}/{len(selected)}] {name}: {spec.precision}, {len(profiles)} profile(s), "
-                f"{prepared.attention_nodes} linear-attention node(s){' as plugins' if use_plugin else ''}")
-            t0 = time.monotonic()
-            data = build_engine(trt, prepared.path, profiles, options, log, timing_cache)
-            seconds = time.monotonic() - t0
-            engine_file = f"{name}.plan"
-            _write_atomic(out / engine_file, data)
-            record = manifest.files.get(spec.path, {})
-            engines[name] = EngineSpec(
-                engine=engine_file, engine_sha256=sha256_file(out / engine_file), onnx=spec.path,
-                onnx_sha256=record.get("sha256") or sha256_file(source), precision=spec.precision,
-                profiles=profiles, plugin=use_plugin, linear_attention_nodes=prepared.attention_nodes,
-                build_seconds=round(seconds, 1), refittable=options.refittable,
-                optimization_level=options.optimization_level)
-            log(f"[{index}/{len(selected)}] {name}: built in {seconds:.1f}s ({data.nbytes / 2**20:.1f} MiB)")
-    result = EngineManifest(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
-                            components=engines, plugin=plugin_record(plugin, arch if plugin else None, options.kernels),
-                            tools={"tensorrt": trt.__version__})
-    _write_atomic(out / ENGINE_MANIFEST_NAME, result.to_json().encode())
+        try:
+            for index, name in enumerate(selected, 1):
+                spec = manifest.components[name]
+                source = export_dir / spec.path
+                use_plugin = plugin and spec.linear_attention_nodes > 0
+                prepared = onnx_prep.prepare(source, Path(scratch) / name / "model.onnx", use_plugin)
+                profiles = component_profiles(manifest, name, options.spatial, options.batch)
+                log(f"[{index}/{len(selected)}] {name}: {spec.precision}, {len(profiles)} profile(s), "
+                    f"{prepared.attention_nodes} linear-attention node(s){' as plugins' if use_plugin else ''}")
+                t0 = time.monotonic()
+                data = build_engine(trt, prepared.path, profiles, options, log)
+                seconds = time.monotonic() - t0
+                engine_file = f"{name}.plan"
+                _write_atomic(out / engine_file, data)
+                record = manifest.files.get(spec.path, {})
+                engines[name] = EngineSpec(
+                    engine=engine_file, engine_sha256=sha256_file(out / engine_file), onnx=spec.path,
+                    onnx_sha256=record.get("sha256") or sha256_file(source), precision=spec.precision,
+                    profiles=profiles, plugin=use_plugin, linear_attention_nodes=prepared.attention_nodes,
+                    build_seconds=round(seconds, 1), refittable=options.refittable,
+                    optimization_level=options.optimization_level)
+                built += 1
+                log(f"[{index}/{len(selected)}] {name}: built in {seconds:.1f}s ({data.nbytes / 2**20:.1f} MiB)")
+        finally:
+            if built and built < len(selected):  # interrupted or failed: record the engines built so far
+                write_manifest()
+    result = write_manifest()
     log(f"done in {time.monotonic() - started:.1f}s: {out / ENGINE_MANIFEST_NAME}")
     return result
 

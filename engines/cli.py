@@ -8,6 +8,7 @@ from pathlib import Path
 
 from linfusion.runtime.manifest import ManifestError, load_manifest
 
+from .kernels import KERNEL_CHOICES
 from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
 
 
@@ -23,9 +24,10 @@ def parser() -> argparse.ArgumentParser:
                    "UNet range is doubled for classifier-free guidance")
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
                    help="fused linear-attention plugin (auto: on with TensorRT >= 10.10)")
-    p.add_argument("--attention-kernels", choices=("auto", "cuda-core", "tensor-core"), default="auto",
-                   help="plugin kernel tactics TensorRT may pick (auto: both for fp16/bf16 on sm_80+, timed "
-                   "at build time; float32 always uses cuda-core)")
+    p.add_argument("--attention-kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="plugin kernel tactics TensorRT may pick (auto: both, timed at build time). tensor-core "
+                   "needs sm_80+ and applies to fp16/bf16 with head dims up to 192; float32 and larger head "
+                   "dims always use cuda-core")
     p.add_argument("--timing-cache", type=Path, help="timing cache to reuse and update "
                    "(default: OUTPUT/timing-<TensorRT version>-sm<XY>.cache)")
     p.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="N",

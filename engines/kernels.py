@@ -3,14 +3,16 @@
 One source of truth for everything that must agree between the kernels, the TensorRT AOT
 plugins (``plugin.py``) and the GPU check (``benchmarks/gpu_check.py``):
 
-* ``tiling(d)`` fixes the per-head-dim template arguments (kv columns per block, tokens per
-  apply block) and therefore the block sizes and static shared memory;
+* ``tiling(d)`` and ``tensor_core_tiling(d)`` fix the per-head-dim template arguments of the
+  two kernel tactics (``tactics``: CUDA-core, and tensor-core for fp16/bf16 on sm_80+) and
+  therefore the block sizes and static shared memory;
 * ``state_launch`` / ``reduce_launch`` / ``apply_launch`` give grid and block as formulas in
   N, B and H, written against two small operators (ceil-div and min) so that the same code
   yields ints here and symbolic ``tensorrt.plugin`` expressions in the plugin;
 * ``kernel_source`` generates the translation unit (the shipped ``kernels/*.cu`` plus one
-  ``LINFUSION_DEFINE_KERNELS`` line per variant), compiled by NVRTC (``compile_ptx``, at
-  engine-build time) or nvcc (``nvcc_compile``, in the tests and the GPU check).
+  ``LINFUSION_DEFINE_KERNELS`` and, where the tactic exists, one ``LINFUSION_DEFINE_TC_KERNELS``
+  line per variant), compiled by NVRTC (``compile_ptx``, at engine-build time) or nvcc
+  (``nvcc_compile``, in the tests and the GPU check).
 
 This module imports neither TensorRT nor any CUDA library at import time.
 """
@@ -58,6 +60,8 @@ TACTIC_NAMES = {CUDA_CORE: "cuda-core", TENSOR_CORE: "tensor-core"}
 TENSOR_CORE_MIN_ARCH = 80
 TENSOR_CORE_MAX_HEAD_DIM = 192
 """The tensor-core state kernel keeps the D x D accumulators in registers; beyond 192 it spills."""
+KERNEL_CHOICES = ("auto", "cuda-core", "tensor-core")
+"""What ``linfusion-build --attention-kernels`` may restrict the tactics to."""
 
 
 class KernelCompileError(RuntimeError):
@@ -156,24 +160,34 @@ class TensorCoreTiling:
 
 @cache
 def tensor_core_tiling(head_dim: int) -> TensorCoreTiling:
-    """Widest column tile that fits with 128 or 64 tokens per pass, else with fewer tokens."""
+    """The most tokens per pass (128 down to 16), then the widest column tile that fits: many
+    warps per block first, fewer re-reads of q second (d = 160 gets 64 tokens x 40 columns)."""
     if not 1 <= head_dim <= TENSOR_CORE_MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is outside the tensor-core range 1..{TENSOR_CORE_MAX_HEAD_DIM}")
     dn = (head_dim + 7) // 8 * 8
     columns = [c for c in range(dn, 7, -8) if dn % c == 0]
-    for tokens_options in ((128, 64), (32, 16)):
-        for tokens in tokens_options:
-            for cols in columns:
-                t = TensorCoreTiling(head_dim, cols, tokens, max(APPLY_ROWS, tokens))
-                if t.apply_smem <= SHARED_MEMORY_LIMIT:
-                    return t
+    for tokens in (128, 64, 32, 16):
+        for cols in columns:
+            t = TensorCoreTiling(head_dim, cols, tokens, max(APPLY_ROWS, tokens))
+            if t.apply_smem <= SHARED_MEMORY_LIMIT and t.state_smem <= SHARED_MEMORY_LIMIT:
+                return t
     raise ValueError(f"no tensor-core tiling fits head dim {head_dim}")  # pragma: no cover
+
+
+def arch_number(arch: str) -> int:
+    """80 for compute_80, sm_80 or sm_90a-style names (the letter suffix is ignored)."""
+    match = re.fullmatch(r"(?:compute|sm)_(\d+)[a-z]?", arch)
+    if match is None:
+        raise ValueError(f"unknown GPU architecture {arch!r}; expected compute_XY or sm_XY")
+    return int(match.group(1))
 
 
 def tactics(dtype: str, arch: str = "compute_80", head_dim: int | None = None) -> tuple[int, ...]:
     """The kernel tactics that exist for an I/O dtype on an NVRTC/nvcc target (compute_XX /
     sm_XX) and, when given, a head dim."""
-    if (dtype != "float32" and int(arch.split("_")[1]) >= TENSOR_CORE_MIN_ARCH
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported kernel dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if (dtype != "float32" and arch_number(arch) >= TENSOR_CORE_MIN_ARCH
             and (head_dim is None or head_dim <= TENSOR_CORE_MAX_HEAD_DIM)):
         return (CUDA_CORE, TENSOR_CORE)
     return (CUDA_CORE,)
@@ -223,7 +237,8 @@ def num_splits(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv,
     return minimum(cdiv(tokens, SPLIT_MIN_TOKENS), cdiv(TARGET_STATE_BLOCKS, batch * (heads * t.state_col_tiles)))
 
 
-def state_launch(splits, batch, heads: int, t: Tiling, tactic: int = CUDA_CORE) -> Launch:
+def state_launch(splits, batch, heads: int, t: Tiling, *, tactic: int = CUDA_CORE) -> Launch:
+    """CUDA-core grid (S * column tiles, B*H); tensor-core grid (S, B*H): one block covers all of kv."""
     if tactic == TENSOR_CORE:
         return Launch((splits, batch * heads, 1), (tensor_core_tiling(t.head_dim).state_threads, 1, 1))
     return Launch((splits * t.state_col_tiles, batch * heads, 1), (t.state_threads, 1, 1))
@@ -234,10 +249,12 @@ def reduce_launch(batch, heads, elements, cdiv: Callable = _int_cdiv) -> Launch:
     return Launch((cdiv(elements, REDUCE_THREADS), batch * heads, 1), (REDUCE_THREADS, 1, 1))
 
 
-def apply_launch(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv, tactic: int = CUDA_CORE) -> Launch:
+def apply_launch(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv, *,
+                 tactic: int = CUDA_CORE) -> Launch:
     if tactic == TENSOR_CORE:
         tc = tensor_core_tiling(t.head_dim)
-        return Launch((cdiv(tokens, tc.apply_rows) * tc.apply_col_tiles, batch * heads, 1), (tc.apply_threads, 1, 1))
+        return Launch((cdiv(tokens, tc.apply_rows) * tc.apply_col_tiles, batch * heads, 1),
+                      (tc.apply_threads, 1, 1))
     return Launch((cdiv(tokens, t.apply_tokens) * t.apply_col_tiles, batch * heads, 1), (t.apply_threads, 1, 1))
 
 
@@ -299,8 +316,7 @@ def all_variants(head_dims: Iterable[int] = STANDARD_HEAD_DIMS) -> list[tuple[st
 
 # --- NVRTC (engine build time) ----------------------------------------------------------------
 
-def compile_ptx(source: str, arch: str = "compute_80", name: str = SOURCE_NAME) -> bytes:
-    """Compile with NVRTC (cuda-python's ``cuda.bindings.nvrtc``) to PTX for ``arch``."""
+def _nvrtc():
     try:
         from cuda.bindings import nvrtc
     except ImportError:
@@ -309,6 +325,22 @@ def compile_ptx(source: str, arch: str = "compute_80", name: str = SOURCE_NAME) 
         except ImportError as exc:
             raise KernelCompileError("NVRTC is unavailable: install cuda-python (pip install "
                                      "cuda-python) to compile the linear-attention kernels") from exc
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library: the PTX it writes loads on drivers of that CUDA
+    version or newer."""
+    nvrtc = _nvrtc()
+    err, major, minor = nvrtc.nvrtcVersion()
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelCompileError(f"NVRTC is unusable: {err}")
+    return major, minor
+
+
+def compile_ptx(source: str, arch: str = "compute_80", name: str = SOURCE_NAME) -> bytes:
+    """Compile with NVRTC (cuda-python's ``cuda.bindings.nvrtc``) to PTX for ``arch``."""
+    nvrtc = _nvrtc()
 
     def check(result, what: str, prog=None) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)

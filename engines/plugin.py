@@ -1,6 +1,6 @@
 """The three linear-attention plugins, registered with TensorRT's Python plugin API.
 
-``register_plugins()`` defines, through ``tensorrt.plugin`` (TensorRT >= 10.9), the plugins
+``register_plugins()`` defines, through ``tensorrt.plugin`` (TensorRT >= 10.10), the plugins
 ``linfusion::LinearAttentionState``, ``linfusion::LinearAttentionReduce`` and
 ``linfusion::LinearAttentionApply`` (see ``onnx_prep`` for the node contract). Each has only an
 ahead-of-time implementation: at build time it compiles the CUDA kernels for the tensor's dtype
@@ -32,7 +32,6 @@ MIN_TENSORRT = (10, 10)
 """AOT Python plugins arrived in 10.9, but the 10.9 ONNX parser hands the QDP creator the node
 name instead of the op type (NVIDIA's sample names nodes after their op type up to 10.9), so
 our per-layer node names would not resolve; 10.10 passes the op type."""
-KERNEL_CHOICES = ("auto", "cuda-core", "tensor-core")
 PLUGIN_IDS = tuple(f"{PLUGIN_NAMESPACE}::{op}" for op in (STATE_OP, REDUCE_OP, APPLY_OP))
 Int32Attr = npt.NDArray[np.int32]
 Float32Attr = npt.NDArray[np.float32]
@@ -101,8 +100,8 @@ def _head_dim(channels, heads: int) -> int | None:
 
 def offered_tactics(dtype: str, arch: str, kernels: str = "auto") -> tuple[int, ...]:
     """The kernel tactics the state and apply plugins offer TensorRT for one I/O dtype."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"attention kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
+    if kernels not in K.KERNEL_CHOICES:
+        raise ValueError(f"attention kernels must be one of {', '.join(K.KERNEL_CHOICES)}, not {kernels!r}")
     available = K.tactics(dtype, arch)
     if kernels == "cuda-core" or dtype == "float32":
         return (K.CUDA_CORE,)
@@ -164,7 +163,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         d = _head_dim(k.shape_expr[2], h)
         tactic = _kernel_tactic(tactic, dtype, d, arch)
         b, n = k.shape_expr[0], k.shape_expr[1]
-        launch = K.state_launch(outputs[0].shape_expr[2], b, h, K.tiling(d), tactic)
+        launch = K.state_launch(outputs[0].shape_expr[2], b, h, K.tiling(d), tactic=tactic)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h)])
         return K.state_kernel(dtype, d, tactic), _ptx(dtype, d, arch), _launch_params(trtp, launch), extra
 
@@ -220,12 +219,13 @@ def _launch_params(trtp, launch: K.Launch):
     return params
 
 
-def plugin_record(enabled: bool, arch: str | None = None, kernels: str = "auto") -> dict:
+def plugin_record(enabled: bool, arch: str | None = None, kernels: str = "auto", nvrtc: str | None = None) -> dict:
     """What engines.json records about the plugin."""
     record = {"names": list(PLUGIN_IDS), "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
               "enabled": enabled, "implementation": "aot" if enabled else "inlined ONNX function"}
     if enabled:
         record["kernel_arch"] = arch
+        record["nvrtc"] = nvrtc
         record["kernel_source"] = [f"engines/kernels/{name}" for name in K.SOURCE_FILES]
         record["kernel_tactics"] = {dtype: [K.TACTIC_NAMES[t] for t in offered_tactics(dtype, arch, kernels)]
                                     for dtype in K.DTYPES}

@@ -5,10 +5,11 @@
 * NVRTC (cuda-python) compiles it to PTX with the entry points the plugins name (skipped
   when cuda-python is absent);
 * the same kernel source is compiled as host C++ with a small shim (one std::thread per CUDA
-  thread, a std::barrier for __syncthreads, blocks run one after another), launched with the
-  grids from ``linfusion.engines.kernels``, and compared with a float64 numpy reference. That
-  checks indexing, tiling, split and bounds logic and the dtype conversions on the CPU; the
-  real-GPU check is benchmarks/gpu_check.py.
+  thread, a std::barrier for __syncthreads and one per warp for __syncwarp, __shfl_sync and
+  mma.sync, whose fragments follow the PTX ISA tables; blocks run one after another), launched
+  with the grids from ``linfusion.engines.kernels`` for both tactics, and compared with a
+  float64 numpy reference. That checks indexing, tiling, split, bounds and alignment logic and
+  the dtype conversions on the CPU; the real-GPU check is benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ ptxas info    : Used 48 registers, used 1 barriers, 25600 bytes smem, 400 bytes 
     assert (r.registers, r.spill_stores, r.spill_loads, r.smem) == (48, 12, 8, 25600)
 
 
+def test_tensor_core_tiling_fits_for_every_head_dim():
+    for d in range(1, K.TENSOR_CORE_MAX_HEAD_DIM + 1):
+        t = K.tensor_core_tiling(d)
+        assert t.apply_smem <= K.SHARED_MEMORY_LIMIT and t.state_smem <= K.SHARED_MEMORY_LIMIT, d
+        assert t.padded_n % t.apply_cols == 0 and t.apply_rows % t.apply_tokens == 0, d
+        assert t.state_threads <= 1024 and t.apply_threads <= 1024 and t.apply_tokens % 16 == 0, d
+    assert K.tactics("float16", "sm_90", K.TENSOR_CORE_MAX_HEAD_DIM + 1) == (K.CUDA_CORE,)
+    with pytest.raises(ValueError, match="tensor-core range"):
+        K.tensor_core_tiling(K.TENSOR_CORE_MAX_HEAD_DIM + 1)
+
+
 def test_tiling_fits_shared_memory_and_block_limits():
     for d in (*K.STANDARD_HEAD_DIMS, 1, 7, 96, 128, 200, 256):
         t = K.tiling(d)
@@ -100,6 +112,11 @@ def test_splits_and_grids():
     assert K.num_splits(262144, 2, 10, t) == 52
     launch = K.apply_launch(1000, 2, 3, K.tiling(160))
     assert launch.grid == (32 * 4, 6, 1) and launch.block == (80, 1, 1)
+    # tensor-core: 256 tokens per apply block, 64 tokens (4 warps) per pass, 40-column tiles for d = 160
+    launch = K.apply_launch(1000, 2, 3, K.tiling(160), tactic=K.TENSOR_CORE)
+    assert launch.grid == (4 * 4, 6, 1) and launch.block == (128, 1, 1)
+    assert K.state_launch(7, 2, 3, K.tiling(160), tactic=K.TENSOR_CORE).grid == (7, 6, 1)
+    assert K.state_launch(7, 2, 3, K.tiling(160), tactic=K.TENSOR_CORE).block == (320, 1, 1)  # 10 warps x 16 rows
     assert K.reduce_launch(2, 3, 64 * 65).grid == (-(-64 * 65 // 256), 6, 1)
     assert K.eps_bits(1e-4) == np.array([1e-4], np.float32).view(np.int32)[0]
 
@@ -221,7 +238,7 @@ static void linfusion_emu_launch(unsigned gx, unsigned gy, unsigned bx, const st
 def _host_wrappers(variants):
     lines = ['extern "C" void host_reduce(const float* p, int s, int e, float* out, unsigned gx, unsigned gy, unsigned bx)'
              ' { linfusion_emu_launch(gx, gy, bx, [&] { linfusion_la_reduce(p, s, e, out); }); }']
-    for dtype, d, tactic in ((dt, d, tc) for dt, d in variants for tc in K.tactics(dt, "sm_90", d)):
+    for dtype, d, tactic in ((dt, dim, tc) for dt, dim in variants for tc in K.tactics(dt, "sm_90", dim)):
         io = K.IO_TRAITS[dtype]
         st, ap = K.state_kernel(dtype, d, tactic), K.apply_kernel(dtype, d, tactic)
         lines.append(f'extern "C" void host_{st}(const void* k, const void* v, int n, int h, float* p, unsigned gx, '
@@ -268,6 +285,8 @@ def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE, misaligned=Fal
     """Launch state -> reduce -> apply exactly as the plugins do; outputs poisoned first."""
     if misaligned:
         q, k, v = (_misaligned(x) for x in (q, k, v))
+    else:  # the tensor-core kernels' 16-byte path needs this
+        assert all(x.ctypes.data % 16 == 0 for x in (q, k, v))
     b, n, c = q.shape
     d = c // heads
     t = K.tiling(d)
@@ -278,7 +297,7 @@ def run_host(lib, q, k, v, heads, eps, dtype, tactic=K.CUDA_CORE, misaligned=Fal
     if misaligned:
         out = _misaligned(out)
     ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
-    g = K.state_launch(s, b, heads, t, tactic)
+    g = K.state_launch(s, b, heads, t, tactic=tactic)
     getattr(lib, f"host_{K.state_kernel(dtype, d, tactic)}")(ptr(k), ptr(v), n, heads, ptr(partials), g.grid[0], g.grid[1], g.block[0])
     g = K.reduce_launch(b, heads, t.state_elements)
     lib.host_reduce(ptr(partials), s, t.state_elements, ptr(state), g.grid[0], g.grid[1], g.block[0])
@@ -334,7 +353,7 @@ def test_host_emulated_state_with_an_empty_last_split(host_lib, tactic):
     k, v = (rng.standard_normal((1, tokens, heads * d)).astype(np.float16) for _ in range(2))
     partials = np.full((1, heads, s, d, d + 1), np.nan, np.float32)
     ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
-    g = K.state_launch(s, 1, heads, t, tactic)
+    g = K.state_launch(s, 1, heads, t, tactic=tactic)
     getattr(host_lib, f"host_{K.state_kernel('float16', d, tactic)}")(ptr(k), ptr(v), tokens, heads, ptr(partials),
                                                                      g.grid[0], g.grid[1], g.block[0])
     assert np.isfinite(partials).all() and not partials[:, :, -1].any()

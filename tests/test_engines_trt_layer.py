@@ -205,15 +205,47 @@ def test_profiles_are_added_in_order_and_checked():
         B.add_profiles(_FakeBuilder(), _FakeConfig(profile_index=-1), inputs, [_spec(sample=1)], Path("m.onnx"))
 
 
-def test_ctrl_c_during_a_build_becomes_a_flag():
-    """TensorRT swallows exceptions raised in the progress monitor, so SIGINT must only set a flag."""
+def test_ctrl_c_during_a_build_becomes_a_flag_and_cancels_at_the_next_step():
+    """TensorRT swallows exceptions raised in the progress monitor, so SIGINT must only set a flag
+    that the monitor's step_complete turns into a cancelled build."""
+    before = signal.getsignal(signal.SIGINT)
+    trt = types.SimpleNamespace(IProgressMonitor=type("IProgressMonitor", (), {"__init__": lambda self: None}))
     with B._InterruptFlag() as interrupted:
+        monitor = B._Progress.create(trt, lambda line: None, interrupted)
+        assert monitor.step_complete("Building", 0) is True
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(100):  # the handler runs at the next bytecode boundary
             if interrupted.is_set():
                 break
+        assert monitor.step_complete("Building", 1) is False
     assert interrupted.is_set()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_network_flags_refuse_a_tensorrt_without_strong_typing():
+    trt = types.SimpleNamespace(__version__="9.3.0", NetworkDefinitionCreationFlag=types.SimpleNamespace())
+    with pytest.raises(B.TensorRTMissing, match="strongly typed"):
+        B.network_flags(trt)
+
+
+@pytest.mark.parametrize("nvrtc,driver,ok", [((12, 4), (12, 4), True), ((12, 9), (12, 4), False),
+                                             ((12, 8), (13, 0), True)])
+def test_nvrtc_newer_than_the_driver_is_refused(monkeypatch, nvrtc, driver, ok):
+    monkeypatch.setattr(K, "nvrtc_version", lambda: nvrtc)
+    monkeypatch.setattr(B, "driver_cuda_version", lambda: driver)
+    if ok:
+        assert B.check_nvrtc_against_driver(lambda line: None) == f"{nvrtc[0]}.{nvrtc[1]}"
+    else:
+        with pytest.raises(B.BuildError, match=r"nvidia-cuda-nvrtc-cu12==12\.4"):
+            B.check_nvrtc_against_driver(lambda line: None)
+
+
+def test_kernel_tactic_falls_back_to_cuda_core():
+    assert P._kernel_tactic(K.TENSOR_CORE, "float16", 64, "compute_90") == K.TENSOR_CORE
+    assert P._kernel_tactic(0, "float16", 64, "compute_90") == K.CUDA_CORE  # TensorRT's default tactic
+    assert P._kernel_tactic(K.TENSOR_CORE, "float16", 200, "compute_90") == K.CUDA_CORE  # beyond d = 192
+    assert P._kernel_tactic(K.TENSOR_CORE, "float32", 64, "compute_90") == K.CUDA_CORE
+    assert P._kernel_tactic(K.TENSOR_CORE, "bfloat16", 64, "compute_75") == K.CUDA_CORE
 
 
 def test_cli_attention_kernels_option():

@@ -143,7 +143,8 @@ def test_generation_on_engines_matches_onnxruntime(built):
     """A whole text-to-image run on the engines (plugins in the UNet) against ONNX Runtime."""
     from linfusion.runtime.pipeline import Pipeline
 
-    args = dict(prompt="a red cube", height=128, width=128, num_inference_steps=4, seed=3, output_type="np")
+    args = {"prompt": "a red cube", "height": 128, "width": 128, "num_inference_steps": 4, "seed": 3,
+            "output_type": "np"}
     got = Pipeline.from_export(built, backend="tensorrt")(**args).images.astype(np.float64)
     want = Pipeline.from_export(built, backend="onnxruntime", providers=["CPUExecutionProvider"])(
         **args).images.astype(np.float64)

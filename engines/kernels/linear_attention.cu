@@ -26,12 +26,15 @@
 // Argument order follows TensorRT's AOT plugin convention: input pointers, then the extra
 // 32-bit scalar arguments, then output pointers. The extern "C" entry points are generated
 // per (dtype, head dim, tiling) by linfusion.engines.kernels with LINFUSION_DEFINE_KERNELS,
-// which also fixes the launch geometry; the kernels check nothing at run time beyond bounds.
+// which also fixes the launch geometry; these kernels check nothing at run time beyond bounds.
+// tensor_core.cu and linear_attention_tc.cu, appended after this file, add the tensor-core
+// tactic (LINFUSION_DEFINE_TC_KERNELS).
 //
-// The file includes no headers (fp16/bf16 conversions are inline PTX / integer code), so
-// NVRTC compiles it with no include path. LINFUSION_HOST_EMULATION is defined only by the CPU
-// tests, which compile this same file as C++ with a small shim (threads + barrier per block)
-// to check indexing and tiling without a GPU; it swaps the two inline-PTX conversions.
+// The files include no headers (fp16/bf16 conversions are inline PTX / integer code), so
+// NVRTC compiles them with no include path. LINFUSION_HOST_EMULATION is defined only by the
+// CPU tests, which compile the same source as C++ with a small shim (a thread per CUDA thread,
+// barriers per block and per warp) to check indexing and tiling without a GPU; it replaces the
+// inline PTX (the two conversions, mma.sync) with host code and emulates the warp collectives.
 
 typedef unsigned short linfusion_half;      // IEEE binary16 bits
 typedef unsigned short linfusion_bfloat16;  // bfloat16 bits

@@ -57,7 +57,14 @@ def _check(result):
     return rest[0] if len(rest) == 1 else (rest or None)
 
 
+def driver_cuda_version() -> tuple[int, int]:
+    """The newest CUDA version the installed driver supports, e.g. (12, 4)."""
+    version = int(_check(_cudart().cudaDriverGetVersion()))
+    return version // 1000, version % 1000 // 10
+
+
 def current_gpu() -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device 0."""
     cudart = _cudart()
     props = _check(cudart.cudaGetDeviceProperties(0))
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
@@ -78,9 +85,12 @@ class DeviceBuffer:
 _LOGGERS: dict[int, object] = {}
 
 
-def _logger(trt):
-    """One logger per process: TensorRT keeps the first logger a runtime or builder was given."""
-    return _LOGGERS.setdefault(id(trt), trt.Logger(trt.Logger.WARNING))
+def tensorrt_logger(trt):
+    """The process's one TensorRT logger: TensorRT keeps the first logger a builder or runtime
+    was given and warns about any other (the engine builder uses this one too)."""
+    if id(trt) not in _LOGGERS:
+        _LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[id(trt)]
 
 
 class SharedContextMemory:
@@ -203,15 +213,15 @@ class TensorRTRunner(ModelRunner):
         return results
 
     def close(self) -> None:
-        for buffers in self.buffers.values():
-            for buf in buffers.values():
-                buf.free()
-        self.buffers.clear()
-        if self.context is not None:
-            with self.backend.lock:
+        with self.backend.lock:  # a run on another thread may be using the buffers
+            for buffers in self.buffers.values():
+                for buf in buffers.values():
+                    buf.free()
+            self.buffers.clear()
+            if self.context is not None:
                 self.backend.memory.detach(self.context)
-        self.context = None
-        self.engine = None
+            self.context = None
+            self.engine = None
 
 
 class TensorRTBackend(Backend):
@@ -219,7 +229,7 @@ class TensorRTBackend(Backend):
 
     def __init__(self) -> None:
         self.trt = self.import_tensorrt()
-        self.trt_logger = _logger(self.trt)
+        self.trt_logger = tensorrt_logger(self.trt)
         self.runtime = self.trt.Runtime(self.trt_logger)
         self.lock = threading.RLock()
         self.memory = SharedContextMemory()
