@@ -129,7 +129,8 @@ def test_nvrtc_compiles_entry_points():
         if "libnvrtc" in str(exc).lower() or "not found" in str(exc).lower():
             pytest.skip(f"NVRTC library unavailable: {exc}")
         raise
-    assert {K.state_kernel("float16", 64), K.apply_kernel("bfloat16", 40), K.REDUCE_KERNEL} <= set(K.ptx_entries(ptx))
+    assert K.kernel_names([("float16", 64), ("bfloat16", 40)], "compute_80") <= set(K.ptx_entries(ptx))
+    assert K.state_kernel("float16", 64, tactic=K.TENSOR_CORE) in K.ptx_entries(ptx)
 
 
 def test_nvrtc_reports_compile_errors():
