@@ -54,9 +54,12 @@ APPLY_ROWS = 256
 
 CUDA_CORE = 1
 TENSOR_CORE = 2
+TENSOR_CORE_WIDE = 3
 """Tactic ids (the plugins' TensorRT tactics): float32 FMA kernels, and mma.sync kernels with
 float32 accumulation for fp16/bf16 I/O on sm_80 and newer."""
-TACTIC_NAMES = {CUDA_CORE: "cuda-core", TENSOR_CORE: "tensor-core"}
+TACTIC_NAMES = {CUDA_CORE: "cuda-core", TENSOR_CORE: "tensor-core", TENSOR_CORE_WIDE: "tensor-core-wide"}
+"""tensor-core-wide: the same state kernel, and an apply kernel tiled for wide column tiles
+(fewer q re-reads, fewer warps) where that differs from the default tiling; TensorRT times both."""
 TENSOR_CORE_MIN_ARCH = 80
 TENSOR_CORE_MAX_HEAD_DIM = 192
 """The tensor-core state kernel keeps the D x D accumulators in registers; beyond 192 it spills."""
@@ -159,19 +162,25 @@ class TensorCoreTiling:
 
 
 @cache
-def tensor_core_tiling(head_dim: int) -> TensorCoreTiling:
-    """The most tokens per pass (128 down to 16), then the widest column tile that fits: many
-    warps per block first, fewer re-reads of q second (d = 160 gets 64 tokens x 40 columns)."""
+def tensor_core_tiling(head_dim: int, wide: bool = False) -> TensorCoreTiling:
+    """Default: the most tokens per pass (128 down to 16), then the widest column tile that fits
+    (many warps per block; d = 160 gets 64 tokens x 40 columns). wide: the widest column tile
+    first, then the most tokens (fewer re-reads of q; d = 160 gets 32 tokens x 80 columns)."""
     if not 1 <= head_dim <= TENSOR_CORE_MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is outside the tensor-core range 1..{TENSOR_CORE_MAX_HEAD_DIM}")
     dn = (head_dim + 7) // 8 * 8
     columns = [c for c in range(dn, 7, -8) if dn % c == 0]
-    for tokens in (128, 64, 32, 16):
-        for cols in columns:
-            t = TensorCoreTiling(head_dim, cols, tokens, max(APPLY_ROWS, tokens))
-            if t.apply_smem <= SHARED_MEMORY_LIMIT and t.state_smem <= SHARED_MEMORY_LIMIT:
-                return t
+    tokens = (128, 64, 32, 16)
+    order = [(c, n) for c in columns for n in tokens] if wide else [(c, n) for n in tokens for c in columns]
+    for cols, count in order:
+        t = TensorCoreTiling(head_dim, cols, count, max(APPLY_ROWS, count))
+        if t.apply_smem <= SHARED_MEMORY_LIMIT and t.state_smem <= SHARED_MEMORY_LIMIT:
+            return t
     raise ValueError(f"no tensor-core tiling fits head dim {head_dim}")  # pragma: no cover
+
+
+def _apply_tiling(head_dim: int, tactic: int) -> TensorCoreTiling:
+    return tensor_core_tiling(head_dim, wide=tactic == TENSOR_CORE_WIDE)
 
 
 def arch_number(arch: str) -> int:
@@ -184,13 +193,29 @@ def arch_number(arch: str) -> int:
 
 def tactics(dtype: str, arch: str = "compute_80", head_dim: int | None = None) -> tuple[int, ...]:
     """The kernel tactics that exist for an I/O dtype on an NVRTC/nvcc target (compute_XX /
-    sm_XX) and, when given, a head dim."""
+    sm_XX). With a head dim, only the distinct ones (tensor-core-wide where its apply tiling
+    differs); without, every tactic that may exist (what the plugins declare before d is known)."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported kernel dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if (dtype != "float32" and arch_number(arch) >= TENSOR_CORE_MIN_ARCH
-            and (head_dim is None or head_dim <= TENSOR_CORE_MAX_HEAD_DIM)):
-        return (CUDA_CORE, TENSOR_CORE)
-    return (CUDA_CORE,)
+    if dtype == "float32" or arch_number(arch) < TENSOR_CORE_MIN_ARCH:
+        return (CUDA_CORE,)
+    if head_dim is None:
+        return (CUDA_CORE, TENSOR_CORE, TENSOR_CORE_WIDE)
+    if head_dim > TENSOR_CORE_MAX_HEAD_DIM:
+        return (CUDA_CORE,)
+    if tensor_core_tiling(head_dim, wide=True) != tensor_core_tiling(head_dim):
+        return (CUDA_CORE, TENSOR_CORE, TENSOR_CORE_WIDE)
+    return (CUDA_CORE, TENSOR_CORE)
+
+
+def kernel_tactic(tactic: int, dtype: str, arch: str, head_dim: int) -> int:
+    """The kernels a declared tactic runs for one head dim: TensorRT's default tactic 0 and
+    tactics that do not exist there fall back to the nearest that does (wide -> tensor-core ->
+    CUDA-core)."""
+    available = tactics(dtype, arch, head_dim)
+    if tactic == TENSOR_CORE_WIDE and tactic not in available:
+        tactic = TENSOR_CORE
+    return tactic if tactic in available else CUDA_CORE
 
 
 def _column_candidates(dp: int, cap: int) -> list[int]:
@@ -239,7 +264,7 @@ def num_splits(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv,
 
 def state_launch(splits, batch, heads: int, t: Tiling, *, tactic: int = CUDA_CORE) -> Launch:
     """CUDA-core grid (S * column tiles, B*H); tensor-core grid (S, B*H): one block covers all of kv."""
-    if tactic == TENSOR_CORE:
+    if tactic in (TENSOR_CORE, TENSOR_CORE_WIDE):
         return Launch((splits, batch * heads, 1), (tensor_core_tiling(t.head_dim).state_threads, 1, 1))
     return Launch((splits * t.state_col_tiles, batch * heads, 1), (t.state_threads, 1, 1))
 
@@ -251,8 +276,8 @@ def reduce_launch(batch, heads, elements, cdiv: Callable = _int_cdiv) -> Launch:
 
 def apply_launch(tokens, batch, heads: int, t: Tiling, cdiv: Callable = _int_cdiv, *,
                  tactic: int = CUDA_CORE) -> Launch:
-    if tactic == TENSOR_CORE:
-        tc = tensor_core_tiling(t.head_dim)
+    if tactic in (TENSOR_CORE, TENSOR_CORE_WIDE):
+        tc = _apply_tiling(t.head_dim, tactic)
         return Launch((cdiv(tokens, tc.apply_rows) * tc.apply_col_tiles, batch * heads, 1),
                       (tc.apply_threads, 1, 1))
     return Launch((cdiv(tokens, t.apply_tokens) * t.apply_col_tiles, batch * heads, 1), (t.apply_threads, 1, 1))
@@ -268,11 +293,12 @@ def eps_bits(eps: float) -> int:
 def _tactic_infix(tactic: int) -> str:
     if tactic not in TACTIC_NAMES:
         raise ValueError(f"unknown kernel tactic {tactic}")
-    return "tc_" if tactic == TENSOR_CORE else ""
+    return {CUDA_CORE: "", TENSOR_CORE: "tc_", TENSOR_CORE_WIDE: "tcw_"}[tactic]
 
 
 def state_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
-    return f"linfusion_la_state_{_tactic_infix(tactic)}{SUFFIX[dtype]}_d{head_dim}"
+    """Both tensor-core tactics share one state kernel."""
+    return f"linfusion_la_state_{_tactic_infix(min(tactic, TENSOR_CORE))}{SUFFIX[dtype]}_d{head_dim}"
 
 
 def apply_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
@@ -294,10 +320,15 @@ def kernel_source(variants: Iterable[tuple[str, int]]) -> str:
         t = tiling(d)
         lines.append(f"LINFUSION_DEFINE_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
                      f"{t.state_cols}, {t.apply_cols}, {t.apply_tokens})")
-        if TENSOR_CORE in tactics(dtype, "sm_90", d):
+        available = tactics(dtype, "sm_90", d)
+        if TENSOR_CORE in available:
             tc = tensor_core_tiling(d)
             lines.append(f"LINFUSION_DEFINE_TC_KERNELS({SUFFIX[dtype]}, {IO_TRAITS[dtype]}, {d}, "
                          f"{tc.apply_cols}, {tc.apply_tokens}, {tc.apply_rows})")
+        if TENSOR_CORE_WIDE in available:
+            tc = tensor_core_tiling(d, wide=True)
+            lines.append(f"LINFUSION_DEFINE_TC_APPLY_KERNEL({apply_kernel(dtype, d, TENSOR_CORE_WIDE)}, "
+                         f"{IO_TRAITS[dtype]}, {d}, {tc.apply_cols}, {tc.apply_tokens}, {tc.apply_rows})")
     return "\n".join(lines) + "\n"
 
 

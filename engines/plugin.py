@@ -10,8 +10,8 @@ the engine, which then runs with no Python and no plugin library (trtexec, Trito
 
 Launch geometry and extra arguments come from ``kernels`` (the same formulas the GPU check
 uses), written against ``trtp.cdiv``/``trtp.min`` so that they stay symbolic in N and B.
-State and apply offer two kernel tactics for fp16/bf16 (CUDA-core and tensor-core, see
-``kernels.tactics``); TensorRT times both at build time and embeds the faster one.
+State and apply offer kernel tactics for fp16/bf16 (CUDA-core and two tensor-core tilings, see
+``kernels.tactics``); TensorRT times them at build time and embeds the fastest.
 TensorRT is imported only inside these functions.
 
 This module deliberately has no ``from __future__ import annotations``: ``tensorrt.plugin``
@@ -109,14 +109,8 @@ def offered_tactics(dtype: str, arch: str, kernels: str = "auto") -> tuple[int, 
         if K.TENSOR_CORE not in available:
             raise PluginUnavailable(f"tensor-core attention kernels need compute capability "
                                     f"{K.TENSOR_CORE_MIN_ARCH // 10}.0 or newer, not {arch}")
-        return (K.TENSOR_CORE,)
+        return tuple(t for t in available if t != K.CUDA_CORE)
     return available
-
-
-def _kernel_tactic(tactic: int, dtype: str, head_dim: int, arch: str) -> int:
-    """The kernel for a TensorRT tactic: 0 (TensorRT's default tactic, when a combination declares
-    none) and tactics that do not exist for this head dim map to the CUDA-core kernels."""
-    return tactic if tactic in K.tactics(dtype, arch, head_dim) else K.CUDA_CORE
 
 
 def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
@@ -161,7 +155,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         h = int(heads[0])
         dtype = _dtype_name(trt, k.dtype)
         d = _head_dim(k.shape_expr[2], h)
-        tactic = _kernel_tactic(tactic, dtype, d, arch)
+        tactic = K.kernel_tactic(tactic, dtype, arch, d)
         b, n = k.shape_expr[0], k.shape_expr[1]
         launch = K.state_launch(outputs[0].shape_expr[2], b, h, K.tiling(d), tactic=tactic)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h)])
@@ -201,7 +195,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         h = int(heads[0])
         dtype = _dtype_name(trt, q.dtype)
         d = _head_dim(q.shape_expr[2], h)
-        tactic = _kernel_tactic(tactic, dtype, d, arch)
+        tactic = K.kernel_tactic(tactic, dtype, arch, d)
         b, n = q.shape_expr[0], q.shape_expr[1]
         launch = K.apply_launch(n, b, h, K.tiling(d), cdiv=trtp.cdiv, tactic=tactic)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(n), trtp.SymInt32(h),

@@ -53,8 +53,8 @@ def test_aot_support_names_a_missing_quick_plugin_api(monkeypatch):
 
 def test_offered_tactics():
     assert P.offered_tactics("float32", "compute_90") == (K.CUDA_CORE,)
-    assert P.offered_tactics("float16", "compute_90") == (K.CUDA_CORE, K.TENSOR_CORE)
-    assert P.offered_tactics("bfloat16", "compute_80", "tensor-core") == (K.TENSOR_CORE,)
+    assert P.offered_tactics("float16", "compute_90") == (K.CUDA_CORE, K.TENSOR_CORE, K.TENSOR_CORE_WIDE)
+    assert P.offered_tactics("bfloat16", "compute_80", "tensor-core") == (K.TENSOR_CORE, K.TENSOR_CORE_WIDE)
     assert P.offered_tactics("float16", "compute_90", "cuda-core") == (K.CUDA_CORE,)
     assert P.offered_tactics("float16", "compute_75") == (K.CUDA_CORE,)  # mma.m16n8k16 needs sm_80
     with pytest.raises(P.PluginUnavailable, match="8.0"):
@@ -65,8 +65,8 @@ def test_offered_tactics():
 
 def test_plugin_record_lists_sources_and_tactics():
     record = P.plugin_record(True, "compute_90")
-    assert record["kernel_tactics"] == {"float32": ["cuda-core"], "float16": ["cuda-core", "tensor-core"],
-                                        "bfloat16": ["cuda-core", "tensor-core"]}
+    half = ["cuda-core", "tensor-core", "tensor-core-wide"]
+    assert record["kernel_tactics"] == {"float32": ["cuda-core"], "float16": half, "bfloat16": half}
     root = Path(__file__).resolve().parents[1]
     assert all((root / path).is_file() for path in record["kernel_source"])
     assert "kernel_tactics" not in P.plugin_record(False)
@@ -240,12 +240,14 @@ def test_nvrtc_newer_than_the_driver_is_refused(monkeypatch, nvrtc, driver, ok):
             B.check_nvrtc_against_driver(lambda line: None)
 
 
-def test_kernel_tactic_falls_back_to_cuda_core():
-    assert P._kernel_tactic(K.TENSOR_CORE, "float16", 64, "compute_90") == K.TENSOR_CORE
-    assert P._kernel_tactic(0, "float16", 64, "compute_90") == K.CUDA_CORE  # TensorRT's default tactic
-    assert P._kernel_tactic(K.TENSOR_CORE, "float16", 200, "compute_90") == K.CUDA_CORE  # beyond d = 192
-    assert P._kernel_tactic(K.TENSOR_CORE, "float32", 64, "compute_90") == K.CUDA_CORE
-    assert P._kernel_tactic(K.TENSOR_CORE, "bfloat16", 64, "compute_75") == K.CUDA_CORE
+def test_kernel_tactic_falls_back_to_the_nearest_existing_kernels():
+    assert K.kernel_tactic(K.TENSOR_CORE, "float16", "compute_90", 64) == K.TENSOR_CORE
+    assert K.kernel_tactic(K.TENSOR_CORE_WIDE, "float16", "compute_90", 160) == K.TENSOR_CORE_WIDE
+    assert K.kernel_tactic(K.TENSOR_CORE_WIDE, "float16", "compute_90", 64) == K.TENSOR_CORE  # same tiling
+    assert K.kernel_tactic(0, "float16", "compute_90", 64) == K.CUDA_CORE  # TensorRT's default tactic
+    assert K.kernel_tactic(K.TENSOR_CORE, "float16", "compute_90", 200) == K.CUDA_CORE  # beyond d = 192
+    assert K.kernel_tactic(K.TENSOR_CORE_WIDE, "float32", "compute_90", 64) == K.CUDA_CORE
+    assert K.kernel_tactic(K.TENSOR_CORE, "bfloat16", "compute_75", 64) == K.CUDA_CORE
 
 
 def test_cli_attention_kernels_option():

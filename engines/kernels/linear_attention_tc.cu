@@ -356,6 +356,15 @@ __device__ __forceinline__ void linfusion_apply_tc(const typename IO::T* __restr
         linfusion_apply_tc<IO, D, TJ, TOK, ROWS>(q, state, n_tokens, heads, eps_bits, out);                  \
     }
 
+// A further apply entry point with another tiling (the tensor-core-wide tactic), named in full.
+#define LINFUSION_DEFINE_TC_APPLY_KERNEL(NAME, IO, D, TJ, TOK, ROWS)                                         \
+    extern "C" __global__ void __launch_bounds__(((TOK) / 16) * 32, 2)                                          \
+    NAME(const IO::T* __restrict__ q, const float* __restrict__ state, int n_tokens, int heads, int eps_bits,  \
+         IO::T* __restrict__ out) {                                                                           \
+        linfusion_apply_tc<IO, D, TJ, TOK, ROWS>(q, state, n_tokens, heads, eps_bits, out);                  \
+    }
+
 #else
 #define LINFUSION_DEFINE_TC_KERNELS(SUFFIX, IO, D, TJ, TOK, ROWS)
+#define LINFUSION_DEFINE_TC_APPLY_KERNEL(NAME, IO, D, TJ, TOK, ROWS)
 #endif
