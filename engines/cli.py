@@ -25,9 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
                    help="fused linear-attention plugin (auto: on with TensorRT >= 10.10)")
     p.add_argument("--attention-kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="plugin kernel tactics TensorRT may pick (auto: both, timed at build time). tensor-core "
-                   "needs sm_80+ and applies to fp16/bf16 with head dims up to 192; float32 and larger head "
-                   "dims always use cuda-core")
+                   help="plugin kernel tactics TensorRT may pick (auto: all, timed at build time). tensor-core "
+                   "(two tilings) needs sm_80+ and applies to fp16/bf16 with head dims up to 192; float32 and "
+                   "larger head dims always use cuda-core")
     p.add_argument("--timing-cache", type=Path, help="timing cache to reuse and update "
                    "(default: OUTPUT/timing-<TensorRT version>-sm<XY>.cache)")
     p.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="N",
