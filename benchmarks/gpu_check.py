@@ -9,7 +9,7 @@ argument order (inputs, extra int32 scalars, outputs), same grids and blocks (al
 
 Correctness: N in {64, 4096, 65536, 262144 + 77}, head dims 40/64/80/160, batch 1 and 2,
 fp32/fp16/bf16, every kernel tactic the plugins offer (CUDA-core; tensor-core for fp16/bf16
-on sm_80+), against float64 numpy (fp32 and fp16 share inputs on the fp16 grid, so two
+on sm_80+, and tensor-core-wide where its apply tiling differs, e.g. d = 160), against float64 numpy (fp32 and fp16 share inputs on the fp16 grid, so two
 references serve three dtypes); error = max |out - ref| / max |ref|; bounds 1e-5
 (fp32), 2e-3 (fp16), 1.6e-2 (bf16). Large N use 2 heads to keep the numpy reference fast.
 

@@ -9,6 +9,7 @@ place. ``engines.json`` (``linfusion.runtime.engine_manifest``) is written last,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
@@ -74,9 +75,13 @@ def check_nvrtc_against_driver(log: Callable[[str], None]) -> str:
     nvrtc = K.nvrtc_version()
     driver = driver_cuda_version()
     if nvrtc > driver:
+        if nvrtc[0] != driver[0]:
+            fix = f"install the CUDA {driver[0]} stack (pip install 'linfusion-deploy[gpu]' for CUDA 12)"
+        else:
+            wheel = "nvidia-cuda-nvrtc-cu12" if driver[0] == 12 else "nvidia-cuda-nvrtc"
+            fix = f"pip install '{wheel}=={driver[0]}.{driver[1]}.*'"
         raise BuildError(f"NVRTC {nvrtc[0]}.{nvrtc[1]} writes PTX that this driver (CUDA {driver[0]}.{driver[1]}) "
-                         f"cannot load: pip install 'nvidia-cuda-nvrtc-cu{driver[0]}=={driver[0]}.{driver[1]}.*' "
-                         "or update the driver")
+                         f"cannot load: {fix}, or update the driver")
     log(f"plugin kernels: NVRTC {nvrtc[0]}.{nvrtc[1]}, driver CUDA {driver[0]}.{driver[1]}")
     return f"{nvrtc[0]}.{nvrtc[1]}"
 
@@ -280,7 +285,14 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
     arch = "compute_" + capability.replace(".", "")
     nvrtc = None
     if plugin:
-        nvrtc = check_nvrtc_against_driver(log)
+        try:
+            nvrtc = check_nvrtc_against_driver(log)
+        except (BuildError, K.KernelCompileError) as exc:
+            if options.plugin == "on":
+                raise BuildError(f"--plugin on: {exc}") from None
+            log(f"plugin: off ({exc}); the linear attention is inlined from its ONNX function")
+            plugin = False
+    if plugin:
         register_plugins(arch, options.kernels)
     elif options.kernels != "auto":
         log(f"--attention-kernels {options.kernels} has no effect: the plugin is off")
@@ -303,6 +315,7 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
         return result
 
     built = 0
+    result = None
     with tempfile.TemporaryDirectory(prefix="linfusion-build-", dir=out) as scratch:
         try:
             for index, name in enumerate(selected, 1):
@@ -316,21 +329,22 @@ def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None
                 t0 = time.monotonic()
                 data = build_engine(trt, prepared.path, profiles, options, log)
                 seconds = time.monotonic() - t0
-                engine_file = f"{name}.plan"
-                _write_atomic(out / engine_file, data)
                 record = manifest.files.get(spec.path, {})
-                engines[name] = EngineSpec(
-                    engine=engine_file, engine_sha256=sha256_file(out / engine_file), onnx=spec.path,
+                engine = EngineSpec(
+                    engine=f"{name}.plan", engine_sha256=hashlib.sha256(data).hexdigest(), onnx=spec.path,
                     onnx_sha256=record.get("sha256") or sha256_file(source), precision=spec.precision,
                     profiles=profiles, plugin=use_plugin, linear_attention_nodes=prepared.attention_nodes,
                     build_seconds=round(seconds, 1), refittable=options.refittable,
                     optimization_level=options.optimization_level)
+                # The record is ready before the plan replaces the old one, so that whatever stops
+                # the build afterwards, engines.json below describes the files on disk.
+                _write_atomic(out / engine.engine, data)
+                engines[name] = engine
                 built += 1
                 log(f"[{index}/{len(selected)}] {name}: built in {seconds:.1f}s ({data.nbytes / 2**20:.1f} MiB)")
         finally:
-            if built and built < len(selected):  # interrupted or failed: record the engines built so far
-                write_manifest()
-    result = write_manifest()
+            if built:  # also after an interruption or a failure: the engines built so far replaced old ones
+                result = write_manifest()
     log(f"done in {time.monotonic() - started:.1f}s: {out / ENGINE_MANIFEST_NAME}")
     return result
 

@@ -3,16 +3,17 @@
 One source of truth for everything that must agree between the kernels, the TensorRT AOT
 plugins (``plugin.py``) and the GPU check (``benchmarks/gpu_check.py``):
 
-* ``tiling(d)`` and ``tensor_core_tiling(d)`` fix the per-head-dim template arguments of the
-  two kernel tactics (``tactics``: CUDA-core, and tensor-core for fp16/bf16 on sm_80+) and
-  therefore the block sizes and static shared memory;
+* ``tiling(d)`` and ``tensor_core_tiling(d, wide)`` fix the per-head-dim template arguments of
+  the kernel tactics (``tactics``: CUDA-core, and for fp16/bf16 on sm_80+ tensor-core and
+  tensor-core-wide) and therefore the block sizes and static shared memory;
 * ``state_launch`` / ``reduce_launch`` / ``apply_launch`` give grid and block as formulas in
   N, B and H, written against two small operators (ceil-div and min) so that the same code
   yields ints here and symbolic ``tensorrt.plugin`` expressions in the plugin;
 * ``kernel_source`` generates the translation unit (the shipped ``kernels/*.cu`` plus one
-  ``LINFUSION_DEFINE_KERNELS`` and, where the tactic exists, one ``LINFUSION_DEFINE_TC_KERNELS``
-  line per variant), compiled by NVRTC (``compile_ptx``, at engine-build time) or nvcc
-  (``nvcc_compile``, in the tests and the GPU check).
+  ``LINFUSION_DEFINE_KERNELS`` line per variant and, where those tactics exist, one
+  ``LINFUSION_DEFINE_TC_KERNELS`` and one ``LINFUSION_DEFINE_TC_APPLY_KERNEL`` line), compiled
+  by NVRTC (``compile_ptx``, at engine-build time) or nvcc (``nvcc_compile``, in the tests and
+  the GPU check).
 
 This module imports neither TensorRT nor any CUDA library at import time.
 """
@@ -219,9 +220,10 @@ def kernel_tactic(tactic: int, dtype: str, arch: str, head_dim: int) -> int:
 
 
 def _column_candidates(dp: int, cap: int) -> list[int]:
-    """Multiples of 4 that divide dp, largest first, capped; then the cap itself (padded)."""
+    """Multiples of 4 that divide dp, largest first, capped; then the cap itself and 32 and 16
+    (column tiles that do not divide dp are padded; the kernels bound-check the columns)."""
     divisors = [c for c in range(min(dp, cap), 15, -4) if dp % c == 0]
-    return divisors + [min(dp, cap)]
+    return list(dict.fromkeys(divisors + [min(dp, cap), 32, 16]))
 
 
 @cache
@@ -298,7 +300,8 @@ def _tactic_infix(tactic: int) -> str:
 
 def state_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:
     """Both tensor-core tactics share one state kernel."""
-    return f"linfusion_la_state_{_tactic_infix(min(tactic, TENSOR_CORE))}{SUFFIX[dtype]}_d{head_dim}"
+    kernel_tactic = TENSOR_CORE if tactic == TENSOR_CORE_WIDE else tactic
+    return f"linfusion_la_state_{_tactic_infix(kernel_tactic)}{SUFFIX[dtype]}_d{head_dim}"
 
 
 def apply_kernel(dtype: str, head_dim: int, tactic: int = CUDA_CORE) -> str:

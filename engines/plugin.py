@@ -115,13 +115,15 @@ def offered_tactics(dtype: str, arch: str, kernels: str = "auto") -> tuple[int, 
 
 def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
     """Define the plugins once per process; ``arch`` is the NVRTC target (e.g. compute_90) and
-    ``kernels`` restricts the tactics (auto: CUDA-core and, for fp16/bf16 on sm_80+, tensor-core)."""
+    ``kernels`` restricts the tactics (auto: CUDA-core and, for fp16/bf16 on sm_80+, both
+    tensor-core tilings; state declares one tensor-core tactic, as both share its kernel)."""
     if _registered:
         if (_registered.get("arch"), _registered.get("kernels")) != (arch, kernels):
             raise PluginUnavailable(f"plugins already registered for {_registered['arch']} "
                                     f"({_registered['kernels']} kernels), not {arch} ({kernels})")
         return
-    half_tactics = list(offered_tactics("float16", arch, kernels))
+    apply_tactics = list(offered_tactics("float16", arch, kernels))
+    state_tactics = [t for t in apply_tactics if t != K.TENSOR_CORE_WIDE]  # both tensor-core tactics: one state kernel
     import tensorrt as trt
 
     ok, why = aot_support(trt)
@@ -129,7 +131,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
         raise PluginUnavailable(why)
     import tensorrt.plugin as trtp
 
-    def tune(fp32: str, half: str) -> list:
+    def tune(fp32: str, half: str, half_tactics: list[int]) -> list:
         return [trtp.AutoTuneCombination(fp32, "LINEAR", [K.CUDA_CORE]),
                 trtp.AutoTuneCombination(half, "LINEAR", half_tactics)]
 
@@ -147,7 +149,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
 
     @trtp.autotune(PLUGIN_IDS[0])
     def _state_tune(k: trtp.TensorDesc, v: trtp.TensorDesc, outputs) -> list[trtp.AutoTuneCombination]:
-        return tune("FP32, FP32, FP32", "FP16|BF16, FP16|BF16, FP32")
+        return tune("FP32, FP32, FP32", "FP16|BF16, FP16|BF16, FP32", state_tactics)
 
     @trtp.aot_impl(PLUGIN_IDS[0])
     def _state_aot(k: trtp.TensorDesc, v: trtp.TensorDesc, heads: Int32Attr, outputs, tactic: int
@@ -186,7 +188,7 @@ def register_plugins(arch: str = "compute_80", kernels: str = "auto") -> None:
 
     @trtp.autotune(PLUGIN_IDS[2])
     def _apply_tune(q: trtp.TensorDesc, state: trtp.TensorDesc, outputs) -> list[trtp.AutoTuneCombination]:
-        return tune("FP32, FP32, FP32", "FP16|BF16, FP32, FP16|BF16")
+        return tune("FP32, FP32, FP32", "FP16|BF16, FP32, FP16|BF16", apply_tactics)
 
     # tensorrt.plugin passes every attribute positionally, in registration order: keep both.
     @trtp.aot_impl(PLUGIN_IDS[2])

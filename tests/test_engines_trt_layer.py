@@ -228,15 +228,18 @@ def test_network_flags_refuse_a_tensorrt_without_strong_typing():
         B.network_flags(trt)
 
 
-@pytest.mark.parametrize("nvrtc,driver,ok", [((12, 4), (12, 4), True), ((12, 9), (12, 4), False),
-                                             ((12, 8), (13, 0), True)])
-def test_nvrtc_newer_than_the_driver_is_refused(monkeypatch, nvrtc, driver, ok):
+@pytest.mark.parametrize("nvrtc,driver,refusal", [
+    ((12, 4), (12, 4), None), ((12, 8), (13, 0), None),
+    ((12, 9), (12, 4), r"nvidia-cuda-nvrtc-cu12==12\.4\.\*"),
+    ((13, 5), (13, 0), r"'nvidia-cuda-nvrtc==13\.0\.\*'"),
+    ((13, 0), (12, 8), r"linfusion-deploy\[gpu\]")])
+def test_nvrtc_newer_than_the_driver_is_refused(monkeypatch, nvrtc, driver, refusal):
     monkeypatch.setattr(K, "nvrtc_version", lambda: nvrtc)
     monkeypatch.setattr(B, "driver_cuda_version", lambda: driver)
-    if ok:
+    if refusal is None:
         assert B.check_nvrtc_against_driver(lambda line: None) == f"{nvrtc[0]}.{nvrtc[1]}"
     else:
-        with pytest.raises(B.BuildError, match=r"nvidia-cuda-nvrtc-cu12==12\.4"):
+        with pytest.raises(B.BuildError, match=refusal):
             B.check_nvrtc_against_driver(lambda line: None)
 
 
@@ -255,3 +258,43 @@ def test_cli_attention_kernels_option():
     assert cli_parser().parse_args(["d", "--attention-kernels", "tensor-core"]).attention_kernels == "tensor-core"
     with pytest.raises(SystemExit):
         cli_parser().parse_args(["d", "--attention-kernels", "fastest"])
+
+
+def test_an_interrupted_build_records_the_engines_it_replaced(exported, tmp_path, monkeypatch):
+    """TensorRT itself is faked at build_engine; what is tested is build_all's bookkeeping: after
+    a Ctrl-C in the second engine, engines.json lists the first with the sha256 of the new file."""
+    import hashlib
+    import json
+    import shutil
+
+    from linfusion.engines.profiles import Range, spatial_profiles
+    from linfusion.runtime.engine_manifest import load_engine_manifest
+    from linfusion.runtime.manifest import load_manifest
+
+    export = tmp_path / "export"
+    shutil.copytree(exported("tiny-sd"), export, ignore=shutil.ignore_patterns("engines"))
+    names = list(load_manifest(export).components)[:2]
+    calls = []
+
+    def fake_build(trt, onnx_path, profiles, options, log):
+        calls.append(onnx_path.parent.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return memoryview(f"engine for {onnx_path.parent.name}".encode())
+
+    monkeypatch.setattr(B, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.12.0.36"))
+    monkeypatch.setattr(B, "gpu_info", lambda: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(B, "build_engine", fake_build)
+    out = export / "engines"
+    options = B.BuildOptions(spatial=spatial_profiles(load_manifest(export).pixel_multiple, 64, 64, 64),
+                             batch=Range(1, 1, 1), output=out, plugin="off", components=names)
+    with pytest.raises(KeyboardInterrupt):
+        B.build_all(export, options, log=lambda line: None)
+    assert calls == names
+    manifest = load_engine_manifest(out)
+    assert list(manifest.components) == names[:1]
+    first = manifest.components[names[0]]
+    data = (out / first.engine).read_bytes()
+    assert data == f"engine for {names[0]}".encode() and first.engine_sha256 == hashlib.sha256(data).hexdigest()
+    assert json.loads((out / "engines.json").read_text())["plugin"]["enabled"] is False
+    assert not (out / f"{names[1]}.plan").exists()

@@ -75,7 +75,8 @@ __device__ __forceinline__ void linfusion_load_b(const unsigned short (*tile)[LD
 // A power of two that brings the block's largest magnitude into [2^13, 2^14): fp16 then neither
 // overflows (65504) nor drops to subnormals for the values that matter. local: this thread's
 // max |x|; scratch: threads + 1 floats of shared memory, free until the caller's next barrier.
-// Zero, inf and NaN maxima give 1 (inf/NaN propagate as they would unscaled).
+// A zero or infinite maximum gives 1 (fmaxf skips NaNs; NaN and inf elements propagate through
+// the MMA as they would unscaled). Below 2^-114 the scale is capped at 2^127.
 __device__ __forceinline__ float linfusion_block_pow2_scale(float local, float* scratch, int threads) {
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -90,7 +91,7 @@ __device__ __forceinline__ float linfusion_block_pow2_scale(float local, float* 
     }
     __syncthreads();
     const float m = scratch[threads];
-    if (!(m > 0.0f) || m > 3.0e38f) return 1.0f;
+    if (!(m > 0.0f) || m > __int_as_float(0x7f7fffff)) return 1.0f;  // zero or inf (> FLT_MAX)
     const int exponent = (int)((__float_as_uint(m) >> 23) & 0xffu) - 127;  // floor(log2 m) for normal m
     const int k = max(-126, min(127, 13 - exponent));
     return __int_as_float((127 + k) << 23);

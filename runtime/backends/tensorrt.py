@@ -188,6 +188,8 @@ class TensorRTRunner(ModelRunner):
         cudart, stream = _cudart(), self.backend.stream
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self.backend.lock:
+            if self.context is None:
+                raise CudaError(f"{self.name}: the TensorRT runner was closed")
             if profile != self.profile:
                 self.context.set_optimization_profile_async(profile, stream)
                 self.profile = profile
