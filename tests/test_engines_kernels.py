@@ -22,28 +22,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from linfusion.engines import kernels as K
+from reference import attention_core, phi
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
 
 
 def reference(q, k, v, heads, eps):
-    """float64 LinFusion linear attention on [B, N, H*d] (independent of the kernels)."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    b, n, c = q.shape
-    d = c // heads
-
-    def split(x):
-        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
-
-    def phi(x):
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-
-    pq, pk, vv = phi(split(q)), phi(split(k)), split(v)
-    kv = pk.transpose(0, 1, 3, 2) @ vv / n
-    z = pq @ pk.mean(axis=2)[..., None] + eps
-    out = (pq @ kv) / z
-    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+    """tests/reference.py's float64 LinFusion attention on [B, N, H*d], from inputs of any dtype."""
+    return attention_core(*(np.asarray(x, dtype=np.float64) for x in (q, k, v)), heads, eps)
 
 
 # --- nvcc -------------------------------------------------------------------------------------
@@ -341,7 +328,7 @@ def test_host_emulated_kernels_match_float64(host_lib, dtype, d, heads, batch, t
     assert err <= TOLERANCE[dtype], f"max rel error {err:.2e} for {dtype} d={d}"
     # the state itself: kv | mean, float32, against float64
     kf, vf = (np.asarray(x, np.float64).reshape(batch, tokens, heads, d).transpose(0, 2, 1, 3) for x in (k, v))
-    pk = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
+    pk = phi(kf)
     want = np.concatenate([pk.transpose(0, 1, 3, 2) @ vf / tokens, pk.mean(axis=2)[..., None]], axis=-1)
     # tensor-core products see phi(k) rounded to the I/O type; sums stay float32
     state_tolerance = 1e-5 if tactic == K.CUDA_CORE else TOLERANCE[dtype]
@@ -364,7 +351,7 @@ def test_host_emulated_state_with_an_empty_last_split(host_lib, tactic):
                                                                      g.grid[0], g.grid[1], g.block[0])
     assert np.isfinite(partials).all() and not partials[:, :, -1].any()
     kf, vf = (x.astype(np.float64).reshape(tokens, heads, d).transpose(1, 0, 2) for x in (k, v))
-    pk = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
+    pk = phi(kf)
     want = np.concatenate([pk.transpose(0, 2, 1) @ vf / tokens, pk.mean(axis=1)[..., None]], axis=-1)
     got = partials.sum(axis=2)[0]
     assert np.abs(got - want).max() <= TOLERANCE["float16"] * np.abs(want).max()

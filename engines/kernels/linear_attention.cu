@@ -90,6 +90,29 @@ __device__ __forceinline__ float linfusion_phi(float x) { return x > 0.0f ? x + 
 // Tokens staged in shared memory per iteration of the state kernel.
 #define LINFUSION_STATE_CHUNK 32
 
+// Head h of batch b in a [B, N, H*D] tensor starts `offset` elements in, and consecutive tokens
+// are `row_stride` elements apart (64-bit: B*N*H*D may exceed 2^31).
+struct LinfusionHead {
+    long long row_stride;
+    long long offset;
+};
+__device__ __forceinline__ LinfusionHead linfusion_head(int bh, int heads, int head_dim, int n_tokens) {
+    const int b = bh / heads;
+    const long long row_stride = (long long)heads * head_dim;
+    return {row_stride, (long long)b * n_tokens * row_stride + (long long)(bh - b * heads) * head_dim};
+}
+
+// Tokens [begin, end) of one of `splits` equal splits of the N tokens (the last may be empty).
+struct LinfusionRange {
+    int begin;
+    int end;
+};
+__device__ __forceinline__ LinfusionRange linfusion_split_range(int split, int splits, int n_tokens) {
+    const int per_split = (n_tokens + splits - 1) / splits;
+    const int begin = split * per_split;
+    return {begin, min(n_tokens, begin + per_split)};
+}
+
 // Global loads each thread keeps in flight while staging a tile into shared memory.
 #define LINFUSION_STAGE_BATCH 8
 
@@ -134,14 +157,12 @@ __device__ __forceinline__ void linfusion_state(const typename IO::T* __restrict
     const int split = blockIdx.x / NJ;
     const int splits = gridDim.x / NJ;
     const int bh = blockIdx.y;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
-    const long long row_stride = (long long)heads * D;
-    const int per_split = (n_tokens + splits - 1) / splits;
-    const int begin = split * per_split;
-    const int end = min(n_tokens, begin + per_split);
-    const typename IO::T* k_base = k + (long long)b * n_tokens * row_stride + h * D;
-    const typename IO::T* v_base = v + (long long)b * n_tokens * row_stride + h * D;
+    const LinfusionHead head = linfusion_head(bh, heads, D, n_tokens);
+    const long long row_stride = head.row_stride;
+    const LinfusionRange range = linfusion_split_range(split, splits, n_tokens);
+    const int begin = range.begin, end = range.end;
+    const typename IO::T* k_base = k + head.offset;
+    const typename IO::T* v_base = v + head.offset;
     const int col0 = jt * TJ;
 
     const int ti = tid / TJT;
@@ -241,15 +262,14 @@ __device__ __forceinline__ void linfusion_apply(const typename IO::T* __restrict
     const int jt = blockIdx.x % NJ;
     const int tile = blockIdx.x / NJ;
     const int bh = blockIdx.y;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
-    const long long row_stride = (long long)heads * D;
+    const LinfusionHead head = linfusion_head(bh, heads, D, n_tokens);
+    const long long row_stride = head.row_stride;
     const int n0 = tile * TOK;
     const int col0 = jt * TJ;
     const float eps = __int_as_float(eps_bits);
     const float* st = state + (long long)bh * (D * (D + 1));
-    const typename IO::T* q_base = q + (long long)b * n_tokens * row_stride + h * D;
-    typename IO::T* o_base = out + (long long)b * n_tokens * row_stride + h * D;
+    const typename IO::T* q_base = q + head.offset;
+    typename IO::T* o_base = out + head.offset;
 
     for (int e = tid; e < DP * TJ; e += THREADS) {
         const int i = e / TJ;

@@ -56,14 +56,12 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
     const int split = blockIdx.x;
     const int splits = gridDim.x;
     const int bh = blockIdx.y;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
-    const long long row_stride = (long long)heads * D;
-    const int per_split = (n_tokens + splits - 1) / splits;
-    const int begin = split * per_split;
-    const int end = min(n_tokens, begin + per_split);
-    const typename IO::T* k_base = k + (long long)b * n_tokens * row_stride + h * D;
-    const typename IO::T* v_base = v + (long long)b * n_tokens * row_stride + h * D;
+    const LinfusionHead head = linfusion_head(bh, heads, D, n_tokens);
+    const long long row_stride = head.row_stride;
+    const LinfusionRange range = linfusion_split_range(split, splits, n_tokens);
+    const int begin = range.begin, end = range.end;
+    const typename IO::T* k_base = k + head.offset;
+    const typename IO::T* v_base = v + head.offset;
 
     float acc[NT + 1][4];
 #pragma unroll
@@ -105,23 +103,24 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
                 *reinterpret_cast<unsigned int*>(&s_k[8 * m + u][2 * tp]) = dims_ok ? linfusion_pair(p0, p1, u) : 0u;
                 if (8 * m < DN) *reinterpret_cast<unsigned int*>(&s_v[8 * m + u][2 * tp]) = linfusion_pair(vr[0], vr[1], u);
             }
-        } else {
-            for (int e = tid; e < CH * DM; e += THREADS) {
-                const int t = e / DM;
-                const int i = e - t * DM;
-                const int n = n0 + t;
-                float x = 0.0f;
-                if (i < D && n < end) x = linfusion_phi(IO::load(k_base + (long long)n * row_stride + i));
-                s_k[i][t] = M::bits(x);
-            }
-            for (int e = tid; e < CH * DN; e += THREADS) {
-                const int t = e / DN;
-                const int j = e - t * DN;
-                const int n = n0 + t;
-                float x = 0.0f;
-                if (j < D && n < end) x = IO::load(v_base + (long long)n * row_stride + j);
-                s_v[j][t] = M::bits(x);
-            }
+        } else {  // the CUDA-core kernels' batched staging, transposed into the MMA tiles
+            linfusion_stage<LINFUSION_STAGE_BATCH>(
+                CH * DM, THREADS,
+                [&](int e) {
+                    const int t = e / DM, i = e - t * DM;
+                    return (i < D && n0 + t < end) ? IO::load(k_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
+                },
+                [&](int e, float x) {
+                    const int t = e / DM, i = e - t * DM;
+                    s_k[i][t] = M::bits((i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f);
+                });
+            linfusion_stage<LINFUSION_STAGE_BATCH>(
+                CH * DN, THREADS,
+                [&](int e) {
+                    const int t = e / DN, j = e - t * DN;
+                    return (j < D && n0 + t < end) ? IO::load(v_base + (long long)(n0 + t) * row_stride + j) : 0.0f;
+                },
+                [&](int e, float x) { s_v[e % DN][e / DN] = M::bits(x); });
         }
         __syncthreads();
         if constexpr (VEC) {
@@ -207,15 +206,14 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     const int jt = blockIdx.x % NJ;
     const int group = blockIdx.x / NJ;
     const int bh = blockIdx.y;
-    const int b = bh / heads;
-    const int h = bh - b * heads;
-    const long long row_stride = (long long)heads * D;
+    const LinfusionHead head = linfusion_head(bh, heads, D, n_tokens);
+    const long long row_stride = head.row_stride;
     const int col0 = jt * TJ;
     const int begin = group * ROWS;
     const int end = min(n_tokens, begin + ROWS);
     const float* st = state + (long long)bh * (D * (D + 1));
-    const typename IO::T* q_base = q + (long long)b * n_tokens * row_stride + h * D;
-    typename IO::T* o_base = out + (long long)b * n_tokens * row_stride + h * D;
+    const typename IO::T* q_base = q + head.offset;
+    typename IO::T* o_base = out + head.offset;
 
     uint4 qr[QV];
     auto load = [&](int n0) {
@@ -259,14 +257,16 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
                 *reinterpret_cast<uint4*>(&s_q[t][i0]) = (i0 < D && n0 + t < end) ? linfusion_phi8<IO>(qr[u]) : zero;
             }
         } else {
-            for (int e = tid; e < TOK * DK; e += THREADS) {
-                const int t = e / DK;
-                const int i = e - t * DK;
-                const int n = n0 + t;
-                float x = 0.0f;
-                if (i < D && n < end) x = linfusion_phi(IO::load(q_base + (long long)n * row_stride + i));
-                s_q[t][i] = M::bits(x);
-            }
+            linfusion_stage<LINFUSION_STAGE_BATCH>(
+                TOK * DK, THREADS,
+                [&](int e) {
+                    const int t = e / DK, i = e - t * DK;
+                    return (i < D && n0 + t < end) ? IO::load(q_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
+                },
+                [&](int e, float x) {
+                    const int t = e / DK, i = e - t * DK;
+                    s_q[t][i] = M::bits((i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f);
+                });
         }
         __syncthreads();
         if constexpr (VEC) {
