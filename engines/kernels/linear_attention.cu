@@ -116,22 +116,35 @@ __device__ __forceinline__ LinfusionRange linfusion_split_range(int split, int s
 // Global loads each thread keeps in flight while staging a tile into shared memory.
 #define LINFUSION_STAGE_BATCH 8
 
-// Stages `total` elements: BATCH loads are issued before any is used (a load followed at once by
-// phi's branch would leave one load per warp in flight), then store(e, x) transforms and writes.
-// load(e) must return 0 for padding without touching memory.
-template <int BATCH, class Load, class Store>
-__device__ __forceinline__ void linfusion_stage(int total, int threads, const Load& load, const Store& store) {
+// Tokens [n0, n0 + rows) x columns [col0, col0 + width) of one head (base: its first token);
+// positions past `end` or outside the head's d columns read as 0.
+template <class IO>
+struct LinfusionTile {
+    const typename IO::T* base;
+    long long row_stride;
+    int n0, end, rows, col0, width, d;
+};
+
+// Stages a tile into shared memory: BATCH loads are issued before any is used (a load followed
+// at once by phi's branch would leave one load per warp in flight), then store(t, j, x, valid)
+// transforms and writes token t's column j.
+template <int BATCH, class IO, class Store>
+__device__ __forceinline__ void linfusion_stage(const LinfusionTile<IO>& tile, int threads, const Store& store) {
+    const int total = tile.rows * tile.width;
     for (int e0 = threadIdx.x; e0 < total; e0 += BATCH * threads) {
         float raw[BATCH];
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
             const int e = e0 + u * threads;
-            raw[u] = e < total ? load(e) : 0.0f;
+            const int t = e / tile.width, j = e - t * tile.width;
+            const bool valid = e < total && tile.col0 + j < tile.d && tile.n0 + t < tile.end;
+            raw[u] = valid ? IO::load(tile.base + (long long)(tile.n0 + t) * tile.row_stride + tile.col0 + j) : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
             const int e = e0 + u * threads;
-            if (e < total) store(e, raw[u]);
+            const int t = e / tile.width, j = e - t * tile.width;
+            if (e < total) store(t, j, raw[u], tile.col0 + j < tile.d && tile.n0 + t < tile.end);
         }
     }
 }
@@ -176,23 +189,12 @@ __device__ __forceinline__ void linfusion_state(const typename IO::T* __restrict
 
     for (int n0 = begin; n0 < end; n0 += CH) {
         // padding rows and tokens past the split contribute nothing (0, not phi(0))
-        linfusion_stage<LINFUSION_STAGE_BATCH>(
-            CH * DP, THREADS,
-            [&](int e) {
-                const int t = e / DP, i = e - t * DP;
-                return (i < D && n0 + t < end) ? IO::load(k_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
-            },
-            [&](int e, float x) {
-                const int t = e / DP, i = e - t * DP;
-                s_k[t][i] = (i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f;
-            });
-        linfusion_stage<LINFUSION_STAGE_BATCH>(
-            CH * TJ, THREADS,
-            [&](int e) {
-                const int t = e / TJ, col = col0 + e - t * TJ;
-                return (col < D && n0 + t < end) ? IO::load(v_base + (long long)(n0 + t) * row_stride + col) : 0.0f;
-            },
-            [&](int e, float x) { s_v[e / TJ][e % TJ] = x; });
+        linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{k_base, row_stride, n0, end, CH, 0, DP, D}, THREADS,
+                                               [&](int t, int i, float x, bool valid) {
+                                                   s_k[t][i] = valid ? linfusion_phi(x) : 0.0f;
+                                               });
+        linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{v_base, row_stride, n0, end, CH, col0, TJ, D},
+                                               THREADS, [&](int t, int j, float x, bool) { s_v[t][j] = x; });
         __syncthreads();
 #pragma unroll 4
         for (int t = 0; t < CH; ++t) {
@@ -278,16 +280,10 @@ __device__ __forceinline__ void linfusion_apply(const typename IO::T* __restrict
         s_kv[i][j] = (i < D && col < D) ? st[i * (D + 1) + col] : 0.0f;
     }
     for (int i = tid; i < DP; i += THREADS) s_mean[i] = i < D ? st[i * (D + 1) + D] : 0.0f;
-    linfusion_stage<LINFUSION_STAGE_BATCH>(
-        TOK * DP, THREADS,
-        [&](int e) {
-            const int t = e / DP, i = e - t * DP;
-            return (i < D && n0 + t < n_tokens) ? IO::load(q_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
-        },
-        [&](int e, float x) {
-            const int t = e / DP, i = e - t * DP;
-            s_q[t][i] = (i < D && n0 + t < n_tokens) ? linfusion_phi(x) : 0.0f;
-        });
+    linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{q_base, row_stride, n0, n_tokens, TOK, 0, DP, D}, THREADS,
+                                           [&](int t, int i, float x, bool valid) {
+                                               s_q[t][i] = valid ? linfusion_phi(x) : 0.0f;
+                                           });
     __syncthreads();
     for (int t = tid; t < TOK; t += THREADS) {
         float z = 0.0f;

@@ -104,23 +104,12 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
                 if (8 * m < DN) *reinterpret_cast<unsigned int*>(&s_v[8 * m + u][2 * tp]) = linfusion_pair(vr[0], vr[1], u);
             }
         } else {  // the CUDA-core kernels' batched staging, transposed into the MMA tiles
-            linfusion_stage<LINFUSION_STAGE_BATCH>(
-                CH * DM, THREADS,
-                [&](int e) {
-                    const int t = e / DM, i = e - t * DM;
-                    return (i < D && n0 + t < end) ? IO::load(k_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
-                },
-                [&](int e, float x) {
-                    const int t = e / DM, i = e - t * DM;
-                    s_k[i][t] = M::bits((i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f);
-                });
-            linfusion_stage<LINFUSION_STAGE_BATCH>(
-                CH * DN, THREADS,
-                [&](int e) {
-                    const int t = e / DN, j = e - t * DN;
-                    return (j < D && n0 + t < end) ? IO::load(v_base + (long long)(n0 + t) * row_stride + j) : 0.0f;
-                },
-                [&](int e, float x) { s_v[e % DN][e / DN] = M::bits(x); });
+            linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{k_base, row_stride, n0, end, CH, 0, DM, D},
+                                                   THREADS, [&](int t, int i, float x, bool valid) {
+                                                       s_k[i][t] = M::bits(valid ? linfusion_phi(x) : 0.0f);
+                                                   });
+            linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{v_base, row_stride, n0, end, CH, 0, DN, D},
+                                                   THREADS, [&](int t, int j, float x, bool) { s_v[j][t] = M::bits(x); });
         }
         __syncthreads();
         if constexpr (VEC) {
@@ -257,16 +246,10 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
                 *reinterpret_cast<uint4*>(&s_q[t][i0]) = (i0 < D && n0 + t < end) ? linfusion_phi8<IO>(qr[u]) : zero;
             }
         } else {
-            linfusion_stage<LINFUSION_STAGE_BATCH>(
-                TOK * DK, THREADS,
-                [&](int e) {
-                    const int t = e / DK, i = e - t * DK;
-                    return (i < D && n0 + t < end) ? IO::load(q_base + (long long)(n0 + t) * row_stride + i) : 0.0f;
-                },
-                [&](int e, float x) {
-                    const int t = e / DK, i = e - t * DK;
-                    s_q[t][i] = M::bits((i < D && n0 + t < end) ? linfusion_phi(x) : 0.0f);
-                });
+            linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{q_base, row_stride, n0, end, TOK, 0, DK, D},
+                                                   THREADS, [&](int t, int i, float x, bool valid) {
+                                                       s_q[t][i] = M::bits(valid ? linfusion_phi(x) : 0.0f);
+                                                   });
         }
         __syncthreads();
         if constexpr (VEC) {
