@@ -5,7 +5,7 @@
 
 Same PTX (NVRTC through cuda-python when present, else ``nvcc --ptx``), same kernel names, same
 argument order (inputs, extra int32 scalars, outputs), same grids and blocks (all from
-``engines/kernels.py``). Outputs are poisoned (NaN) before every launch.
+``engines/kernel_build.py``). Outputs are poisoned (NaN) before every launch.
 
 Correctness: N in {64, 4096, 65536, 262144 + 77}, head dims 40/64/80/160, batch 1 and 2,
 fp32/fp16/bf16, every kernel tactic the plugins offer (CUDA-core; tensor-core for fp16/bf16
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _kernels():
-    spec = importlib.util.spec_from_file_location("linfusion_kernels", ROOT / "engines" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("linfusion_kernels", ROOT / "engines" / "kernel_build.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

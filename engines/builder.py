@@ -30,7 +30,7 @@ from linfusion.runtime.engine_manifest import (
 )
 from linfusion.runtime.manifest import Manifest, load_manifest, sha256_file
 
-from . import kernels as K
+from . import kernel_build as K
 from . import onnx_prep
 from .plugin import aot_support, plugin_record, register_plugins, tensorrt_version_tuple
 from .profiles import Range, SpatialProfile, component_profiles

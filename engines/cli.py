@@ -8,7 +8,7 @@ from pathlib import Path
 
 from linfusion.runtime.manifest import ManifestError, load_manifest
 
-from .kernels import KERNEL_CHOICES
+from .kernel_build import KERNEL_CHOICES
 from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
 
 

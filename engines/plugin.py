@@ -25,7 +25,7 @@ from functools import cache
 import numpy as np
 import numpy.typing as npt
 
-from . import kernels as K
+from . import kernel_build as K
 from .onnx_prep import APPLY_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, REDUCE_OP, STATE_OP
 
 MIN_TENSORRT = (10, 10)

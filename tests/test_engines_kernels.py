@@ -7,7 +7,7 @@
 * the same kernel source is compiled as host C++ with a small shim (one std::thread per CUDA
   thread, a std::barrier for __syncthreads and one per warp for __syncwarp, __shfl_sync and
   mma.sync, whose fragments follow the PTX ISA tables; blocks run one after another), launched
-  with the grids from ``linfusion.engines.kernels`` for both tactics, and compared with a
+  with the grids from ``linfusion.engines.kernel_build`` for both tactics, and compared with a
   float64 numpy reference. That checks indexing, tiling, split, bounds and alignment logic and
   the dtype conversions on the CPU; the real-GPU check is benchmarks/gpu_check.py.
 """
@@ -21,7 +21,7 @@ import subprocess
 import ml_dtypes
 import numpy as np
 import pytest
-from linfusion.engines import kernels as K
+from linfusion.engines import kernel_build as K
 from reference import attention_core, phi
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from linfusion.engines import builder as B
-from linfusion.engines import kernels as K
+from linfusion.engines import kernel_build as K
 from linfusion.engines import plugin as P
 from linfusion.engines.cli import parser as cli_parser
 from linfusion.runtime.engine_manifest import ProfileSpec
