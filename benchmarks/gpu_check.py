@@ -1,29 +1,36 @@
 """GPU check of the linear-attention kernels, launched exactly as the TensorRT AOT plugins do.
 
-    python benchmarks/gpu_check.py            # on a GPU with CuPy (and torch for the comparisons)
-    python benchmarks/gpu_check.py --dry-run  # anywhere with nvcc: compile and check plumbing
+    python benchmarks/gpu_check.py --json out.json      # on a GPU with CuPy (torch for the comparisons)
+    python benchmarks/gpu_check.py --speed-only --dims 64 --tokens 65536
+    python benchmarks/gpu_check.py --dry-run --json plan.json   # anywhere with nvcc: compile, plumbing, plan
 
-Same PTX (NVRTC through cuda-python when present, else ``nvcc --ptx``), same kernel names, same
-argument order (inputs, extra int32 scalars, outputs), same grids and blocks (all from
-``engines/kernel_build.py``). Outputs are poisoned (NaN) before every launch.
+Same PTX (NVRTC through cuda-python when present, else ``nvcc --ptx``), kernel names, argument
+order and grids as the plugins (all from ``engines/kernel_build.py``); outputs poisoned (NaN)
+before every correctness launch. Imports nothing from the linfusion package.
 
-Correctness: N in {64, 4096, 65536, 262144 + 77}, head dims 40/64/80/160, batch 1 and 2,
-fp32/fp16/bf16, every kernel tactic the plugins offer (CUDA-core; tensor-core for fp16/bf16
-on sm_80+, and tensor-core-wide where its apply tiling differs, e.g. d = 160), against float64 numpy (fp32 and fp16 share inputs on the fp16 grid, so two
-references serve three dtypes); error = max |out - ref| / max |ref|; bounds 1e-5
-(fp32), 2e-3 (fp16), 1.6e-2 (bf16). Large N use 2 heads to keep the numpy reference fast.
+Correctness: N in {64, 4096, 65536, 262221}, d in {40, 64, 80, 160}, batch 1 and 2, fp32/fp16/bf16,
+every tactic, against a float64 reference (on the GPU with CuPy, chunked over tokens; numpy with
+--reference numpy); error = max |out - ref| / max |ref|; bounds 1e-5 (fp32), 2e-3 (fp16), 1.6e-2
+(bf16). fp32 inputs sit on the fp16 grid, so two references serve three dtypes. Large N use 2 heads.
+Speed (fp16, batch 2, each tactic): time of each kernel and of state+reduce+apply, bandwidth (q, k, v
+read and out written once) against the device-to-device copy, unfused PyTorch and SDPA (flash).
 
-Speed (fp16, batch 2, each tactic): time of state+reduce+apply, achieved bandwidth (q, k, v read once and out
-written once) against the measured device-to-device copy bandwidth, and against an unfused
-PyTorch implementation and torch SDPA (flash) at the same N. Prints a short table. < 5 min on
-an H100. Imports nothing from the linfusion package, so it runs from a bare checkout.
+Rows print as they are produced; --json rewrites the file after every row. Exit status 1 when a
+correctness case fails. Experiment knobs (tooling only, the shipped source is unchanged):
+--apply-rows, --state-blocks, --min-blocks KIND=N (see benchmarks/kernel_registers.py), and
+--profile (one launch per kernel, for Nsight Compute).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
+import json
+import os
+import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,54 +41,99 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _kernels():
-    spec = importlib.util.spec_from_file_location("linfusion_kernels", ROOT / "engines" / "kernel_build.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-K = _kernels()
-NS = (64, 4096, 65536, 262144 + 77)
-HEAD_DIMS = K.STANDARD_HEAD_DIMS
+K = _load("linfusion_kernels", ROOT / "engines" / "kernel_build.py")
+CHECK_TOKENS = (64, 4096, 65536, 262144 + 77)
+SPEED_TOKENS = (4096, 16384, 65536, 262144)
+SPEED_HEADS = {40: 8, 64: 10, 80: 8, 160: 8}
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+GRID_OF = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat16"}
 EPS = 1e-4
 
 
-def reference(q, k, v, heads, eps=EPS):
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+# --- float64 reference and input grids: one code path over an array module xp (numpy or cupy) ----
+
+def phi(x, xp=np):
+    return xp.where(x > 0, x + 1.0, xp.exp(xp.minimum(x, 0.0)))
+
+
+def reference(q, k, v, heads, eps=EPS, xp=np, chunk=1 << 16):
+    """float64 LinFusion attention on [B, N, H*d]: kv and the phi(k) sum accumulated over token
+    chunks, then the output chunk by chunk (peak memory O(chunk), not O(N), beyond the result)."""
     b, n, c = q.shape
     d = c // heads
 
-    def split(x):
-        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
+    def part(x, lo, hi):  # tokens [lo, hi) as float64 [B, H, T, d]
+        return xp.asarray(x[:, lo:hi], dtype=xp.float64).reshape(b, hi - lo, heads, d).transpose(0, 2, 1, 3)
 
-    def phi(x):
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-
-    pq, pk = phi(split(q)), phi(split(k))
-    kv = pk.transpose(0, 1, 3, 2) @ split(v) / n
-    out = (pq @ kv) / (pq @ pk.mean(axis=2)[..., None] + eps)
-    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
-
-
-def build_ptx(arch: str) -> bytes:
-    source = K.kernel_source(K.all_variants())
-    try:
-        return K.compile_ptx(source, "compute_" + arch.split("_")[1])
-    except K.KernelCompileError as exc:
-        if "unavailable" not in str(exc):
-            raise
-        return K.nvcc_compile(source, arch, "ptx")[0]
+    kv, ksum = xp.zeros((b, heads, d, d)), xp.zeros((b, heads, d, 1))
+    for lo in range(0, n, chunk):
+        pk = phi(part(k, lo, min(n, lo + chunk)), xp)
+        kv += pk.transpose(0, 1, 3, 2) @ part(v, lo, min(n, lo + chunk))
+        ksum += pk.sum(axis=2)[..., None]
+    kv, mean = kv / n, ksum / n
+    out = xp.empty((b, n, c))
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        pq = phi(part(q, lo, hi), xp)
+        out[:, lo:hi] = ((pq @ kv) / (pq @ mean + eps)).transpose(0, 2, 1, 3).reshape(b, hi - lo, c)
+    return out
 
 
-def ptx_params(ptx: bytes, name: str) -> list[str]:
-    text = ptx.decode()
-    m = re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", text, re.DOTALL)
-    if not m:
-        raise SystemExit(f"{name} is not in the PTX")
-    return re.findall(r"\.param\s+\.(\w+)", m.group(1))
+def bf16_bits(x, xp=np):
+    """float32 -> bfloat16 bits (uint16), round to nearest even (no NaN in the inputs)."""
+    u = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    return ((u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))) >> 16).astype(xp.uint16)
+
+
+def from_bf16_bits(bits, xp=np):
+    return (bits.astype(xp.uint32) << 16).view(xp.float32)
+
+
+def on_grid(x, grid: str, xp=np):
+    """float32 copies of x rounded to fp16 or bf16 values (clipped to 57344, exact in both)."""
+    x = xp.clip(x.astype(xp.float32), -57344.0, 57344.0)
+    return x.astype(xp.float16).astype(xp.float32) if grid == "float16" else from_bf16_bits(bf16_bits(x, xp), xp)
+
+
+# --- cases ------------------------------------------------------------------------------------
+
+def tactic_ids(dtype, arch, d, names=None):
+    return [t for t in K.tactics(dtype, arch, d) if names is None or K.TACTIC_NAMES[t] in names]
+
+
+def correctness_cases(arch, dims, tokens, dtypes, tactic_names=None):
+    """(N, d, H, B, dtype, tactic), grouped so that one input sample serves consecutive cases."""
+    return [(n, d, 8 if n <= 4096 else 2, b, dtype, t) for n in tokens for d in dims for b in (1, 2)
+            for dtype in dtypes for t in tactic_ids(dtype, arch, d, tactic_names)]
+
+
+def speed_cases(arch, dims, tokens, tactic_names=None):
+    return [(n, d, SPEED_HEADS.get(d, 8), 2, ids) for d in dims for n in tokens
+            if (ids := tactic_ids("float16", arch, d, tactic_names))]
+
+
+# --- compilation and plumbing -------------------------------------------------------------------
+
+def build_ptx(arch: str, variants, min_blocks=None, nvcc_only=False) -> bytes:
+    source = K.kernel_source(variants)
+    if min_blocks:
+        source = _load("linfusion_kernel_registers", ROOT / "benchmarks" / "kernel_registers.py").with_min_blocks(
+            source, min_blocks)
+    if not nvcc_only:
+        try:
+            return K.compile_ptx(source, "compute_" + arch.split("_")[1])
+        except K.KernelCompileError as exc:
+            if "unavailable" not in str(exc):
+                raise
+    return K.nvcc_compile(source, arch, "ptx")[0]
 
 
 # The plugins' argument lists: (kind, value) with kind "ptr" or "i32".
@@ -97,20 +149,18 @@ def apply_args(q, state, n, heads, eps, out):
     return [("ptr", q), ("ptr", state), ("i32", n), ("i32", heads), ("i32", K.eps_bits(eps)), ("ptr", out)]
 
 
-def check_plumbing(ptx: bytes, arch: str) -> None:
+def check_plumbing(ptx: bytes, arch: str, variants) -> None:
     """Every entry's PTX parameter list matches the argument list the plugin passes."""
-    want = {"ptr": "u64", "i32": ("u32", "s32", "b32")}
-
     def same(name, args):
-        params = ptx_params(ptx, name)
-        kinds = [kind for kind, _ in args]
-        ok = len(params) == len(kinds) and all(p == want["ptr"] if k == "ptr" else p in want["i32"]
-                                               for p, k in zip(params, kinds))
-        if not ok:
+        if not (m := re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", ptx.decode(), re.DOTALL)):
+            raise SystemExit(f"{name} is not in the PTX")
+        params, kinds = re.findall(r"\.param\s+\.(\w+)", m.group(1)), [kind for kind, _ in args]
+        if len(params) != len(kinds) or not all(p == "u64" if k == "ptr" else p in ("u32", "s32", "b32")
+                                                for p, k in zip(params, kinds)):
             raise SystemExit(f"argument mismatch for {name}: PTX {params}, plugin {kinds}")
 
     same(K.REDUCE_KERNEL, reduce_args(0, 1, 1, 0))
-    for dtype, d in K.all_variants():
+    for dtype, d in variants:
         for tactic in K.tactics(dtype, arch, d):
             same(K.state_kernel(dtype, d, tactic), state_args(0, 0, 1, 1, 0))
             same(K.apply_kernel(dtype, d, tactic), apply_args(0, 0, 1, 1, EPS, 0))
@@ -123,24 +173,21 @@ class Launcher:
         import cupy as cp
 
         self.cp = cp
-        self.tmp = tempfile.NamedTemporaryFile(suffix=".ptx", delete=False)
-        self.tmp.write(ptx)
-        self.tmp.close()
-        self.module = cp.RawModule(path=self.tmp.name)
+        with tempfile.NamedTemporaryFile(suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        self.module = cp.RawModule(path=f.name)
         self.functions = {}
 
-    def fn(self, name):
+    def launch(self, name, launch, args) -> None:
         if name not in self.functions:
             self.functions[name] = self.module.get_function(name)
-        return self.functions[name]
+        self.functions[name](tuple(int(g) for g in launch.grid), tuple(launch.block),
+                             tuple(np.int32(v) if kind == "i32" else v for kind, v in args),
+                             shared_mem=launch.shared_mem)
 
-    def launch(self, name, launch: K.Launch, args) -> None:
-        values = tuple(np.int32(v) if kind == "i32" else v for kind, v in args)
-        self.fn(name)(tuple(int(g) for g in launch.grid), tuple(launch.block), values, shared_mem=launch.shared_mem)
-
-    def run(self, q, k, v, heads, dtype, eps=EPS, poison=True, tactic=K.CUDA_CORE):
-        cp = self.cp
-        b, n, c = q.shape
+    def kernels(self, q, k, v, heads, dtype, tactic, eps=EPS, poison=True):
+        """([(kernel name, launch function)] for state, reduce, apply; the output array)."""
+        cp, (b, n, c) = self.cp, q.shape
         d = c // heads
         t = K.tiling(d)
         s = K.num_splits(n, b, heads, t)
@@ -152,62 +199,55 @@ class Launcher:
             state.fill(np.nan)
             out.view(cp.uint16 if q.dtype.itemsize == 2 else cp.uint32).fill(  # all-ones: NaN in every dtype
                 0xFFFF if q.dtype.itemsize == 2 else 0xFFFFFFFF)
-        self.launch(K.state_kernel(dtype, d, tactic), K.state_launch(s, b, heads, t, tactic=tactic),
-                    state_args(k, v, n, heads, partials))
-        self.launch(K.REDUCE_KERNEL, K.reduce_launch(b, heads, t.state_elements),
-                    reduce_args(partials, s, t.state_elements, state))
-        self.launch(K.apply_kernel(dtype, d, tactic), K.apply_launch(n, b, heads, t, tactic=tactic),
-                    apply_args(q, state, n, heads, eps, out))
-        return out
+        steps = [(K.state_kernel(dtype, d, tactic), K.state_launch(s, b, heads, t, tactic=tactic),
+                  state_args(k, v, n, heads, partials)),
+                 (K.REDUCE_KERNEL, K.reduce_launch(b, heads, t.state_elements),
+                  reduce_args(partials, s, t.state_elements, state)),
+                 (K.apply_kernel(dtype, d, tactic), K.apply_launch(n, b, heads, t, tactic=tactic),
+                  apply_args(q, state, n, heads, eps, out))]
+        return [(name, lambda a=(name, g, args): self.launch(*a)) for name, g, args in steps], out
 
 
-def np_dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
+# --- the two parts --------------------------------------------------------------------------------
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-GRID_OF = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat16"}
-"""The values each dtype is checked on: fp32 shares fp16's grid (fp32 holds fp16 values exactly),
-so two float64 references serve three dtypes; the numpy reference is the slowest part."""
+def case_record(n, d, heads, batch, dtype, tactic, error, passed) -> dict:
+    return {"N": n, "d": d, "H": heads, "B": batch, "dtype": dtype, "tactic": K.TACTIC_NAMES[tactic], "error": error,
+            "bound": TOL[dtype], "pass": passed}
 
 
-def on_grid(x: np.ndarray, grid: str) -> np.ndarray:
-    """float32 copies of x rounded to fp16 or bf16 values (clipped to 57344, exact in both)."""
-    return np.clip(x, -57344.0, 57344.0).astype(np_dtype(grid)).astype(np.float32)
+def speed_record(n, d, heads, batch, tactics) -> dict:
+    """tactics: {name: {state_ms, reduce_ms, apply_ms, total_ms, gbs, copy_pct, kernels}}."""
+    return {"N": n, "d": d, "H": heads, "B": batch, "dtype": "float16", "tactics": tactics, "best": None,
+            "unfused_torch_ms": None, "sdpa_ms": None}
 
 
-def correctness(launcher, rows, arch: str, dtypes=("float32", "float16", "bfloat16")) -> bool:
-    cp = launcher.cp
-    ok = True
-    rng = np.random.default_rng(0)
-    for n in NS:
-        for d in HEAD_DIMS:
-            heads = 8 if n <= 4096 else 2
-            for batch in (1, 2):
-                sample = [rng.standard_normal((batch, n, heads * d)) for _ in range(3)]
-                refs = {}
-                for dtype in dtypes:
-                    grid = GRID_OF[dtype]
-                    host = [on_grid(x, grid) for x in sample]
-                    if grid not in refs:
-                        refs[grid] = reference(*host, heads)
-                    ref = refs[grid]
-                    typed = [x.astype(np_dtype(dtype)) for x in host]
-                    assert all(np.array_equal(t.astype(np.float32), x) for t, x in zip(typed, host))
-                    dev = [cp.asarray(x.view(np.uint16)).view(cp.uint16) if dtype == "bfloat16" else cp.asarray(x)
-                           for x in typed]
-                    for tactic in K.tactics(dtype, arch, d):
-                        out = launcher.run(*dev, heads, dtype, tactic=tactic)
-                        got = cp.asnumpy(out)
-                        got = (got.view(np_dtype(dtype)) if dtype == "bfloat16" else got).astype(np.float64)
-                        err = float(np.abs(got - ref).max() / np.abs(ref).max()) if np.isfinite(got).all() else float("inf")
-                        passed = err <= TOL[dtype]
-                        ok &= passed
-                        rows.append((f"N={n} d={d} B={batch} H={heads} {dtype} {K.TACTIC_NAMES[tactic]}",
-                                     f"{err:.2e}", "ok" if passed else "FAIL"))
+def correctness(launcher, cases, emit, xp) -> bool:
+    """xp: the array module of the reference (cupy: on the GPU; numpy: on the host)."""
+    cp, ok, refs, key = launcher.cp, True, {}, None
+    for n, d, heads, batch, dtype, tactic in cases:
+        if (n, d, batch) != key:  # a new sample; a per-shape seed keeps inputs independent of the filters
+            key, refs = (n, d, batch), {}
+            rs = xp.random.RandomState((n * 1009 + d * 17 + batch) % 2**31)
+            sample = [rs.standard_normal((batch, n, heads * d)).astype(xp.float32) for _ in range(3)]
+        grid = GRID_OF[dtype]
+        if grid not in refs:
+            host = [on_grid(x, grid, xp) for x in sample]
+            refs[grid] = (host, reference(*host, heads, xp=xp))
+        host, ref = refs[grid]
+        dev = [cp.asarray(x) for x in host]
+        dev = [bf16_bits(x, cp) if dtype == "bfloat16" else x.astype(dtype) for x in dev]
+        steps, out = launcher.kernels(*dev, heads, dtype, tactic)
+        for _, fn in steps:
+            fn()
+        got = from_bf16_bits(out, cp) if dtype == "bfloat16" else out
+        got = xp.asarray(got.astype(cp.float64)) if xp is cp else cp.asnumpy(got).astype(np.float64)
+        finite = bool(xp.isfinite(got).all())
+        err = float(xp.abs(got - ref).max() / xp.abs(ref).max()) if finite else None
+        passed = finite and err <= TOL[dtype]
+        ok &= passed
+        emit("correctness", case_record(n, d, heads, batch, dtype, tactic, err, passed),
+             f"N={n} d={d} H={heads} B={batch} {dtype} {K.TACTIC_NAMES[tactic]}: "
+             f"{'non-finite' if err is None else f'{err:.2e}'} <= {TOL[dtype]:g} {'ok' if passed else 'FAIL'}")
     return ok
 
 
@@ -226,105 +266,202 @@ def timed(cp, fn, iters):
 def copy_bandwidth(cp) -> float:
     src = cp.empty(1 << 30, cp.uint8)
     dst = cp.empty_like(src)
-    seconds = timed(cp, lambda: dst.__setitem__(Ellipsis, src), 10)
-    return 2 * src.nbytes / seconds
+    return 2 * src.nbytes / timed(cp, lambda: dst.__setitem__(Ellipsis, src), 10)
 
 
-def speed(launcher, rows, arch: str) -> None:
-    cp = launcher.cp
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        torch = None
-    bandwidth = copy_bandwidth(cp)
-    rows.append(("device copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s", ""))
-    heads_for = {40: 8, 64: 10, 80: 8, 160: 8}
-    for d in HEAD_DIMS:
-        heads, batch = heads_for[d], 2
-        for n in (4096, 16384, 65536, 262144):
-            q, k, v = (cp.random.standard_normal((batch, n, heads * d), dtype=cp.float32).astype(cp.float16)
-                       for _ in range(3))
-            iters = max(3, min(50, int(2e9 // q.nbytes)))
-            per_tactic = {}
-            for tactic in K.tactics("float16", arch, d):
-                per_tactic[tactic] = timed(
-                    cp, lambda tc=tactic: launcher.run(q, k, v, heads, "float16", poison=False, tactic=tc), iters)
-            best = min(per_tactic, key=per_tactic.get)  # what TensorRT's tactic timing would pick
-            t_fused = per_tactic[best]
-            achieved = 4 * q.nbytes / t_fused
-            line = [f"{t_fused * 1e3:.3f} ms {K.TACTIC_NAMES[best]}",
-                    f"{achieved / 1e9:.0f} GB/s ({100 * achieved / bandwidth:.0f}% copy)"]
-            line += [f"{K.TACTIC_NAMES[tc]} {t * 1e3:.3f} ms ({100 * 4 * q.nbytes / t / bandwidth:.0f}% copy)"
-                     for tc, t in per_tactic.items() if tc != best]
-            if torch is not None:
-                tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
+def torch_times(torch, q, k, v, heads, iters):
+    """(unfused PyTorch, SDPA) seconds for the same fp16 inputs; SDPA only up to N = 65536."""
+    import torch.nn.functional as F
 
-                def unfused():
-                    b_, n_, c_ = tq.shape
+    tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
+    b, n, c = tq.shape
+    d = c // heads
 
-                    def split(x):
-                        return x.float().reshape(b_, n_, heads, d).transpose(1, 2)
+    def split(x):
+        return x.reshape(b, n, heads, d).transpose(1, 2)
 
-                    pq, pk = F.elu(split(tq)) + 1.0, F.elu(split(tk)) + 1.0
-                    z = pq @ pk.mean(dim=-2, keepdim=True).transpose(-2, -1) + EPS
-                    kv = (pk.transpose(-2, -1) * n_**-0.5) @ (split(tv) * n_**-0.5)
-                    return (pq @ kv / z).transpose(1, 2).reshape(b_, n_, c_).half()
+    def unfused():
+        pq, pk = F.elu(split(tq).float()) + 1.0, F.elu(split(tk).float()) + 1.0
+        z = pq @ pk.mean(dim=-2, keepdim=True).transpose(-2, -1) + EPS
+        kv = (pk.transpose(-2, -1) * n**-0.5) @ (split(tv).float() * n**-0.5)
+        return (pq @ kv / z).transpose(1, 2).reshape(b, n, c).half()
 
-                t_unfused = timed_torch(torch, unfused, max(3, iters // 2))
-                line.append(f"unfused torch {t_unfused * 1e3:.3f} ms ({t_unfused / t_fused:.1f}x)")
-                if n <= 65536:
-                    sq, sk, sv = (x.reshape(batch, n, heads, d).transpose(1, 2) for x in (tq, tk, tv))
-                    t_sdpa = timed_torch(torch, lambda: F.scaled_dot_product_attention(sq, sk, sv), 3)
-                    line.append(f"SDPA {t_sdpa * 1e3:.2f} ms ({t_sdpa / t_fused:.0f}x)")
-                else:
-                    line.append("SDPA skipped (quadratic)")
-            rows.append((f"speed fp16 B=2 H={heads} d={d} N={n}", line[0], "; ".join(line[1:])))
-
-
-def timed_torch(torch, fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
+    def clock(fn, count):
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / count
+
+    sdpa = (clock(lambda: F.scaled_dot_product_attention(split(tq), split(tk), split(tv)), 3)
+            if n <= 65536 else None)
+    return clock(unfused, max(3, iters // 2)), sdpa
 
 
-def print_table(rows) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+def speed(launcher, cases, emit, bandwidth, torch=None, profile=False) -> None:
+    cp = launcher.cp
+    for n, d, heads, batch, tactics in cases:
+        q, k, v = (cp.random.standard_normal((batch, n, heads * d), dtype=cp.float32).astype(cp.float16)
+                   for _ in range(3))
+        moved, iters = 4 * q.nbytes, max(3, min(50, int(2e9 // q.nbytes)))
+        row = speed_record(n, d, heads, batch, {})
+        for tactic in tactics:
+            steps, _ = launcher.kernels(q, k, v, heads, "float16", tactic, poison=False)
+            if profile:  # one launch of each kernel and nothing else: what Nsight Compute should see
+                [fn() for _, fn in steps]
+                continue
+            times = {f"{kind}_ms": 1e3 * timed(cp, fn, iters) for kind, (_, fn) in zip(("state", "reduce", "apply"), steps)}
+            total = timed(cp, lambda s=steps: [fn() for _, fn in s], iters)
+            row["tactics"][K.TACTIC_NAMES[tactic]] = {**times, "total_ms": 1e3 * total, "gbs": moved / total / 1e9,
+                                                      "copy_pct": 100 * moved / total / bandwidth,
+                                                      "kernels": [name for name, _ in steps]}
+        if profile:
+            cp.cuda.Device().synchronize()
+            print(f"profiled N={n} d={d} H={heads} B={batch}: {', '.join(K.TACTIC_NAMES[t] for t in tactics)}")
+            continue
+        best = row["best"] = min(row["tactics"], key=lambda name: row["tactics"][name]["total_ms"])  # TensorRT's pick
+        if torch is not None:
+            unfused, sdpa = torch_times(torch, q, k, v, heads, iters)
+            row["unfused_torch_ms"], row["sdpa_ms"] = 1e3 * unfused, None if sdpa is None else 1e3 * sdpa
+        fast = row["tactics"][best]
+        text = "; ".join(f"{name} {t['total_ms']:.3f} ms = {t['state_ms']:.3f}+{t['reduce_ms']:.3f}+{t['apply_ms']:.3f}"
+                         f" ({t['copy_pct']:.0f}% copy)" for name, t in row["tactics"].items())
+        vs = "".join(f"; {label} {row[key]:.3f} ms ({row[key] / fast['total_ms']:.1f}x)"
+                     for label, key in (("unfused torch", "unfused_torch_ms"), ("SDPA", "sdpa_ms")) if row[key])
+        emit("speed", row, f"speed fp16 N={n} d={d} H={heads} B={batch}: best {best} {fast['gbs']:.0f} GB/s; {text}{vs}")
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+def machine_info(cp, arch, torch) -> dict:
+    def run(*cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.strip().split("\n")[0] or None
+
+    info = {"gpu": None, "arch": arch, "sm_count": None, "driver": None, "cuda_driver_api": None, "cuda_runtime": None,
+            "cupy": None, "torch": getattr(torch, "__version__", None), "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": run("git", "rev-parse", "--short", "HEAD")}
+    if cp is not None:
+        props, rt = cp.cuda.runtime.getDeviceProperties(0), cp.cuda.runtime
+        info.update(gpu=props["name"].decode(), sm_count=props["multiProcessorCount"], cupy=cp.__version__,
+                    driver=run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+                    **{key: f"{v // 1000}.{v % 1000 // 10}" for key, v in
+                       (("cuda_driver_api", rt.driverGetVersion()), ("cuda_runtime", rt.runtimeGetVersion()))})
+    return info
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="nvcc compile, argument plumbing and the case plan only")
+    p.add_argument("--arch", default=None, help="sm_XX (default: the device's, or sm_90 for --dry-run)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--speed-only", action="store_true")
+    part.add_argument("--correctness-only", "--skip-speed", action="store_true")
+    p.add_argument("--dims", type=ints, default=K.STANDARD_HEAD_DIMS, help="head dims, e.g. 40,64")
+    p.add_argument("--tokens", type=ints, help="N values for both parts (default: correctness "
+                   f"{','.join(map(str, CHECK_TOKENS))}; speed {','.join(map(str, SPEED_TOKENS))})")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16", help="correctness dtypes")
+    p.add_argument("--tactics", help="only these tactics, e.g. tensor-core,tensor-core-wide")
+    p.add_argument("--json", type=Path, help="write machine, every case and every speed row here")
+    p.add_argument("--reference", choices=("auto", "numpy"), default="auto", help="auto: CuPy float64 on the GPU")
+    p.add_argument("--no-torch", action="store_true", help="skip the unfused PyTorch and SDPA timings")
+    p.add_argument("--profile", action="store_true", help="speed cases: one launch per kernel, no timing (for ncu)")
+    p.add_argument("--apply-rows", type=int, help="experiment: tokens per tensor-core apply block (multiple of 128)")
+    p.add_argument("--state-blocks", type=int, help="experiment: target state blocks (TARGET_STATE_BLOCKS)")
+    p.add_argument("--min-blocks", action="append", default=[], metavar="KIND=N",
+                   help="experiment: __launch_bounds__ min blocks of a kernel family (state_tc, apply_tc, ...)")
+    args = p.parse_args(argv)
+    args.dtypes = tuple(args.dtypes.split(","))
+    args.tactics = None if args.tactics is None else tuple(args.tactics.split(","))
+    if bad := (set(args.dtypes) - set(K.DTYPES)) | (set(args.tactics or ()) - set(K.TACTIC_NAMES.values())):
+        p.error(f"unknown dtype or tactic {', '.join(sorted(bad))}")
+    if args.apply_rows and args.apply_rows % 128:
+        p.error("--apply-rows must be a multiple of 128 (the largest tokens per pass)")
+    try:
+        args.min_blocks = {k: int(v) for k, v in (item.split("=", 1) for item in args.min_blocks)}
+    except ValueError:
+        p.error("--min-blocks takes KIND=N, e.g. --min-blocks apply_tc=3")
+    return args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="compile with nvcc and check argument plumbing only")
-    p.add_argument("--arch", default=None, help="sm_XX (default: the device's, or sm_90 for --dry-run)")
-    p.add_argument("--skip-speed", action="store_true")
-    args = p.parse_args(argv)
-    if args.dry_run:
-        arch = args.arch or "sm_90"
-        ptx, _ = K.nvcc_compile(K.kernel_source(K.all_variants()), arch, "ptx")
-        check_plumbing(ptx, arch)
-        print(f"dry run ok: {len(K.ptx_entries(ptx))} kernels compiled for {arch}, argument lists match the plugins")
-        return 0
-    import cupy as cp
-
-    arch = args.arch or f"sm_{cp.cuda.Device().compute_capability}"
-    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    ptx = build_ptx(arch)
-    check_plumbing(ptx, arch)
-    launcher = Launcher(ptx)
-    rows = [("case", "result", "")]
+    args = parse_args(argv)
+    if args.apply_rows:
+        K.APPLY_ROWS = args.apply_rows
+        K.tensor_core_tiling.cache_clear()
+    if args.state_blocks:
+        K.TARGET_STATE_BLOCKS = args.state_blocks
+    cp = torch = None
+    if not args.dry_run:
+        try:
+            import cupy as cp
+        except ImportError:
+            raise SystemExit("CuPy is not installed: pip install cupy-cuda13x (or cupy-cuda12x), or use --dry-run")
+        if not (args.no_torch or args.profile or args.correctness_only):
+            try:
+                import torch
+            except ImportError:
+                torch = None
+    arch = args.arch or (f"sm_{cp.cuda.Device().compute_capability}" if cp else "sm_90")
+    variants = [(dtype, d) for dtype in K.DTYPES for d in args.dims]
+    checks = [] if args.speed_only else correctness_cases(arch, args.dims, args.tokens or CHECK_TOKENS,
+                                                          args.dtypes, args.tactics)
+    speeds = [] if args.correctness_only else speed_cases(arch, args.dims, args.tokens or SPEED_TOKENS, args.tactics)
+    result = {"schema": "linfusion-gpu-check/1", "dry_run": args.dry_run, "machine": machine_info(cp, arch, torch),
+              "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+              "experiment": {"apply_rows": K.APPLY_ROWS, "target_state_blocks": K.TARGET_STATE_BLOCKS,
+                             "min_blocks": args.min_blocks},
+              "copy_bandwidth_gbs": None, "correctness": [], "speed": [], "ok": None, "seconds": None}
     started = time.time()
-    ok = correctness(launcher, rows, arch)
-    if not args.skip_speed:
-        speed(launcher, rows, arch)
-    print(f"device: {name} ({arch}); {time.time() - started:.0f}s")
-    print_table(rows)
-    print("ALL CORRECTNESS CHECKS PASSED" if ok else "CORRECTNESS FAILURES: see FAIL rows")
+
+    def save():
+        if args.json:
+            result["seconds"] = round(time.time() - started, 1)
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+            os.replace(tmp, args.json)
+
+    def emit(part, record, line):
+        result[part].append(record)
+        print(line, flush=True)
+        save()
+
+    ptx = build_ptx(arch, variants, args.min_blocks, nvcc_only=args.dry_run)
+    check_plumbing(ptx, arch, variants)
+    print(f"{len(K.ptx_entries(ptx))} kernels compiled for {arch}, argument lists match the plugins; "
+          f"{len(checks)} correctness cases, {len(speeds)} speed rows", flush=True)
+    if args.dry_run:  # the plan, through the same records and writer
+        for n, d, heads, batch, dtype, tactic in checks:
+            emit("correctness", case_record(n, d, heads, batch, dtype, tactic, None, None),
+                 f"planned N={n} d={d} H={heads} B={batch} {dtype} {K.TACTIC_NAMES[tactic]}")
+        for n, d, heads, batch, tactics in speeds:
+            emit("speed", speed_record(n, d, heads, batch, {K.TACTIC_NAMES[t]: None for t in tactics}),
+                 f"planned speed fp16 N={n} d={d} H={heads} B={batch}")
+        print(f"dry run ok for {arch}")
+        return 0
+    print(f"device: {result['machine']['gpu']} ({arch}), driver {result['machine']['driver']}", flush=True)
+    launcher = Launcher(ptx)
+    ok = correctness(launcher, checks, emit, np if args.reference == "numpy" else cp)
+    if speeds:
+        bandwidth = None if args.profile else copy_bandwidth(cp)
+        result["copy_bandwidth_gbs"] = bandwidth and bandwidth / 1e9
+        if bandwidth:
+            print(f"device copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+        speed(launcher, speeds, emit, bandwidth, torch, args.profile)
+    result["ok"] = ok
+    save()
+    print(f"{time.time() - started:.0f} s; " + ("ALL CORRECTNESS CHECKS PASSED" if ok else
+                                                "CORRECTNESS FAILURES: see the FAIL rows"), flush=True)
     return 0 if ok else 1
 
 
