@@ -1,24 +1,18 @@
 """GPU check of the linear-attention kernels, launched exactly as the TensorRT AOT plugins do.
 
-    python benchmarks/gpu_check.py --json out.json      # on a GPU with CuPy (torch for the comparisons)
+    python benchmarks/gpu_check.py --json out.json      # GPU + CuPy (+ torch for the comparisons)
     python benchmarks/gpu_check.py --speed-only --dims 64 --tokens 65536
-    python benchmarks/gpu_check.py --dry-run --json plan.json   # anywhere with nvcc: compile, plumbing, plan
+    python benchmarks/gpu_check.py --dry-run --json plan.json   # nvcc only: compile, plumbing, the plan
 
-Same PTX (NVRTC through cuda-python when present, else ``nvcc --ptx``), kernel names, argument
-order and grids as the plugins (all from ``engines/kernel_build.py``); outputs poisoned (NaN)
-before every correctness launch. Imports nothing from the linfusion package.
-
-Correctness: N in {64, 4096, 65536, 262221}, d in {40, 64, 80, 160}, batch 1 and 2, fp32/fp16/bf16,
-every tactic, against a float64 reference (on the GPU with CuPy, chunked over tokens; numpy with
---reference numpy); error = max |out - ref| / max |ref|; bounds 1e-5 (fp32), 2e-3 (fp16), 1.6e-2
-(bf16). fp32 inputs sit on the fp16 grid, so two references serve three dtypes. Large N use 2 heads.
-Speed (fp16, batch 2, each tactic): time of each kernel and of state+reduce+apply, bandwidth (q, k, v
-read and out written once) against the device-to-device copy, unfused PyTorch and SDPA (flash).
-
-Rows print as they are produced; --json rewrites the file after every row. Exit status 1 when a
-correctness case fails. Experiment knobs (tooling only, the shipped source is unchanged):
---apply-rows, --state-blocks, --min-blocks KIND=N (see benchmarks/kernel_registers.py), and
---profile (one launch per kernel, for Nsight Compute).
+Same PTX (NVRTC, else ``nvcc --ptx``), names, argument order and grids as the plugins (all from
+``engines/kernel_build.py``); imports nothing from the linfusion package. Correctness: N in {64,
+4096, 65536, 262221}, d in {40, 64, 80, 160}, batch 1 and 2, fp32/fp16/bf16, every tactic, NaN-poisoned
+outputs, against a float64 reference (CuPy on the GPU, chunked over tokens; --reference numpy);
+error = max |out - ref| / max |ref| <= 1e-5 / 2e-3 / 1.6e-2 (fp32 / fp16 / bf16). Speed (fp16, B=2):
+each kernel and state+reduce+apply per tactic, bandwidth (q, k, v, out once) vs device copy,
+unfused PyTorch, SDPA. Rows print as produced; --json is rewritten after every row; exit status 1
+when a case fails. Experiment knobs (the shipped source is unchanged): --apply-rows,
+--state-blocks, --min-blocks KIND=N (benchmarks/kernel_registers.py); --profile for Nsight Compute.
 """
 
 from __future__ import annotations
@@ -230,15 +224,13 @@ def correctness(launcher, cases, emit, xp) -> bool:
             rs = xp.random.RandomState((n * 1009 + d * 17 + batch) % 2**31)
             sample = [rs.standard_normal((batch, n, heads * d)).astype(xp.float32) for _ in range(3)]
         grid = GRID_OF[dtype]
-        if grid not in refs:
+        if grid not in refs:  # fp32 inputs sit on the fp16 grid: two references serve three dtypes
             host = [on_grid(x, grid, xp) for x in sample]
             refs[grid] = (host, reference(*host, heads, xp=xp))
         host, ref = refs[grid]
-        dev = [cp.asarray(x) for x in host]
-        dev = [bf16_bits(x, cp) if dtype == "bfloat16" else x.astype(dtype) for x in dev]
+        dev = [bf16_bits(x, cp) if dtype == "bfloat16" else x.astype(dtype) for x in map(cp.asarray, host)]
         steps, out = launcher.kernels(*dev, heads, dtype, tactic)
-        for _, fn in steps:
-            fn()
+        [fn() for _, fn in steps]
         got = from_bf16_bits(out, cp) if dtype == "bfloat16" else out
         got = xp.asarray(got.astype(cp.float64)) if xp is cp else cp.asnumpy(got).astype(np.float64)
         finite = bool(xp.isfinite(got).all())
@@ -413,10 +405,11 @@ def main(argv=None) -> int:
             except ImportError:
                 torch = None
     arch = args.arch or (f"sm_{cp.cuda.Device().compute_capability}" if cp else "sm_90")
-    variants = [(dtype, d) for dtype in K.DTYPES for d in args.dims]
     checks = [] if args.speed_only else correctness_cases(arch, args.dims, args.tokens or CHECK_TOKENS,
                                                           args.dtypes, args.tactics)
     speeds = [] if args.correctness_only else speed_cases(arch, args.dims, args.tokens or SPEED_TOKENS, args.tactics)
+    needed = {c[4] for c in checks} | ({"float16"} if speeds else set())  # compile only what runs
+    variants = [(dtype, d) for dtype in K.DTYPES if dtype in needed for d in args.dims]
     result = {"schema": "linfusion-gpu-check/1", "dry_run": args.dry_run, "machine": machine_info(cp, arch, torch),
               "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
               "experiment": {"apply_rows": K.APPLY_ROWS, "target_state_blocks": K.TARGET_STATE_BLOCKS,
