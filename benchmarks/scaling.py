@@ -78,18 +78,19 @@ def engine_calls(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Cal
 
     if "ort" in args.engines:
         from linfusion.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from linfusion.runtime.contract import UNET, UNetIO
         from linfusion.runtime.manifest import load_manifest
 
         folder = (models.assets(args.variant, args.workdir) / "export" if args.workdir
                   else models.export(loaded, workdir / "export", components=["unet"]))
         runner = OnnxRuntimeBackend(["CPUExecutionProvider"], args.threads).load(
-            folder, "unet", load_manifest(folder).components["unet"])
+            folder, UNET.name, load_manifest(folder).components[UNET.name])
 
         def ort_call(side: int) -> Callable[[], Any]:
             rng = np.random.default_rng(0)
-            feed = {"sample": rng.standard_normal((1, channels, side // 8, side // 8), dtype=np.float32),
-                    "timestep": np.array([500.0], dtype=np.float32),
-                    "encoder_hidden_states": rng.standard_normal((1, 77, context), dtype=np.float32)}
+            feed = {UNetIO.sample: rng.standard_normal((1, channels, side // 8, side // 8), dtype=np.float32),
+                    UNetIO.timestep: np.array([500.0], dtype=np.float32),
+                    UNetIO.encoder_hidden_states: rng.standard_normal((1, 77, context), dtype=np.float32)}
             return lambda: runner.run(feed)
 
         calls["ort"] = ort_call

@@ -19,7 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from linfusion.runtime.backends.tensorrt import CudaError, current_gpu, driver_cuda_version, tensorrt_logger
+from linfusion.runtime.cuda import (
+    CudaError,
+    TensorRTUnavailable,
+    current_gpu,
+    driver_cuda_version,
+    import_tensorrt,
+    tensorrt_logger,
+)
 from linfusion.runtime.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     EngineManifest,
@@ -46,17 +53,12 @@ class BuildError(RuntimeError):
     """TensorRT rejected the network or the build failed."""
 
 
-def import_tensorrt():
-    """TensorRT, or TensorRTMissing with a one-line explanation."""
+def builder_tensorrt():
+    """TensorRT with its builder, or TensorRTMissing with a one-line remedy."""
     try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TensorRTMissing("TensorRT is not installed: linfusion-build needs the `tensorrt` Python package "
-                              f"(10.10 or newer for the plugins) on a machine with an NVIDIA GPU ({exc})") from None
-    if not hasattr(trt, "Builder"):
-        raise TensorRTMissing("the installed `tensorrt` package is a stub without its libraries; install "
-                              "the full TensorRT wheel (tensorrt-cu12 or tensorrt-cu13)")
-    return trt
+        return import_tensorrt("Builder")
+    except TensorRTUnavailable as exc:
+        raise TensorRTMissing(f"linfusion-build needs TensorRT 10.10+ for the plugins: {exc}") from None
 
 
 def gpu_info() -> tuple[str, str]:
@@ -276,7 +278,7 @@ def select_components(manifest: Manifest, wanted: list[str] | None) -> list[str]
 
 def build_all(export_dir: Path, options: BuildOptions, log: Callable[[str], None] = print) -> EngineManifest:
     """Build every selected component's engine and write engines.json; returns the manifest."""
-    trt = import_tensorrt()
+    trt = builder_tensorrt()
     manifest = load_manifest(export_dir)
     gpu_name, capability = gpu_info()
     if options.kernels not in K.KERNEL_CHOICES:

@@ -25,18 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto
+from linfusion.runtime.contract import ops
+from linfusion.runtime.contract.attention_onnx import plugin_reference_functions
 from onnx import helper as oh
 
-DOMAIN = "linfusion"
-SOURCE_OP = "LinearAttention"
-STATE_OP = "LinearAttentionState"
-REDUCE_OP = "LinearAttentionReduce"
-APPLY_OP = "LinearAttentionApply"
-PLUGIN_OPS = (STATE_OP, REDUCE_OP, APPLY_OP)
-PLUGIN_NAMESPACE = "linfusion"
-PLUGIN_VERSION = "1"
-PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
@@ -60,11 +52,11 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == SOURCE_OP]
+    return [n for n in model.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.LINEAR_ATTENTION]
 
 
 def _plugin_attrs() -> dict:
-    return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
+    return dict(zip(ops.PLUGIN_ATTRIBUTES, (ops.PLUGIN_NAMESPACE, ops.PLUGIN_VERSION, 1)))
 
 
 def rewrite_to_plugins(model: onnx.ModelProto) -> int:
@@ -73,7 +65,7 @@ def rewrite_to_plugins(model: onnx.ModelProto) -> int:
     out: list[onnx.NodeProto] = []
     count = 0
     for node in nodes:
-        if node.domain != DOMAIN or node.op_type != SOURCE_OP:
+        if node.domain != ops.DOMAIN or node.op_type != ops.LINEAR_ATTENTION:
             out.append(node)
             continue
         if len(node.input) != 3 or len(node.output) != 1:
@@ -86,16 +78,16 @@ def rewrite_to_plugins(model: onnx.ModelProto) -> int:
         base = node.name or f"linear_attention_{count}"
         q, k, v = node.input
         partials, state = f"{base}/kv_partials", f"{base}/kv_state"
-        out.append(oh.make_node(STATE_OP, [k, v], [partials], name=f"{base}/state", domain=DOMAIN,
+        out.append(oh.make_node(ops.STATE, [k, v], [partials], name=f"{base}/state", domain=ops.DOMAIN,
                                 heads=int(heads), **_plugin_attrs()))
-        out.append(oh.make_node(REDUCE_OP, [partials], [state], name=f"{base}/reduce", domain=DOMAIN,
+        out.append(oh.make_node(ops.REDUCE, [partials], [state], name=f"{base}/reduce", domain=ops.DOMAIN,
                                 **_plugin_attrs()))
-        out.append(oh.make_node(APPLY_OP, [q, state], [node.output[0]], name=f"{base}/apply", domain=DOMAIN,
+        out.append(oh.make_node(ops.APPLY, [q, state], [node.output[0]], name=f"{base}/apply", domain=ops.DOMAIN,
                                 heads=int(heads), eps=float(eps), **_plugin_attrs()))
     del model.graph.node[:]
     model.graph.node.extend(out)
-    if count and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(oh.make_opsetid(DOMAIN, 1))
+    if count and not any(o.domain == ops.DOMAIN for o in model.opset_import):
+        model.opset_import.append(oh.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
     return count
 
 
@@ -103,7 +95,7 @@ def strip_plugin_attributes(model: onnx.ModelProto) -> int:
     """Plugin off: drop plugin_namespace/plugin_version so every parser inlines the function."""
     count = 0
     for node in attention_nodes(model):
-        keep = [a for a in node.attribute if a.name not in PLUGIN_ATTRIBUTES]
+        keep = [a for a in node.attribute if a.name not in ops.PLUGIN_ATTRIBUTES]
         del node.attribute[:]
         node.attribute.extend(keep)
         count += 1
@@ -111,76 +103,16 @@ def strip_plugin_attributes(model: onnx.ModelProto) -> int:
 
 
 def reference_functions(opset: int = 18) -> list[onnx.FunctionProto]:
-    """Standard-op bodies of the three plugin ops (S = 1), so ONNX Runtime can run a rewritten
-    graph. Used by the tests to prove the rewrite; never put into a file that TensorRT parses
-    (an older parser would inline them instead of using the plugins)."""
-    common = [oh.make_node("Constant", [], ["one"], value_float=1.0),
-              oh.make_node("Constant", [], ["axis_0"], value_ints=[0]),
-              oh.make_node("Constant", [], ["axis_1"], value_ints=[1]),
-              oh.make_node("Constant", [], ["axis_2"], value_ints=[2]),
-              oh.make_node("Constant", [], ["minus_1"], value_ints=[-1])]
-
-    def heads_from_attr() -> list[onnx.NodeProto]:
-        proto = oh.make_node("Constant", [], ["heads_scalar"])
-        proto.attribute.append(onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name="heads"))
-        return [proto, oh.make_node("Reshape", ["heads_scalar", "axis_1"], ["heads_1d"])]
-
-    def split_heads(x: str) -> list[onnx.NodeProto]:  # [B, N, H*d] -> float32 [B, H, N, d]
-        return [oh.make_node("Shape", [x], [f"{x}_shape"]),
-                oh.make_node("Slice", [f"{x}_shape", "axis_0", "axis_2"], [f"{x}_bn"]),
-                oh.make_node("Concat", [f"{x}_bn", "heads_1d", "minus_1"], [f"{x}_split_shape"], axis=0),
-                oh.make_node("Cast", [x], [f"{x}_f32"], to=TensorProto.FLOAT),
-                oh.make_node("Reshape", [f"{x}_f32", f"{x}_split_shape"], [f"{x}_split"]),
-                oh.make_node("Transpose", [f"{x}_split"], [f"{x}_heads"], perm=[0, 2, 1, 3])]
-
-    def phi(x: str) -> list[onnx.NodeProto]:
-        return [oh.make_node("Elu", [f"{x}_heads"], [f"{x}_elu"], alpha=1.0),
-                oh.make_node("Add", [f"{x}_elu", "one"], [f"{x}_phi"])]
-
-    attrs = ["heads", *PLUGIN_ATTRIBUTES]
-    state = oh.make_function(DOMAIN, STATE_OP, ["k", "v"], ["partials"], [
-        *common, *heads_from_attr(), *split_heads("k"), *split_heads("v"), *phi("k"),
-        oh.make_node("Shape", ["k_phi"], ["phi_shape"]),
-        oh.make_node("Gather", ["phi_shape", "axis_2"], ["tokens_1d"], axis=0),
-        oh.make_node("Cast", ["tokens_1d"], ["tokens_f32"], to=TensorProto.FLOAT),
-        oh.make_node("Transpose", ["k_phi"], ["k_phi_t"], perm=[0, 1, 3, 2]),
-        oh.make_node("MatMul", ["k_phi_t", "v_heads"], ["kv_sum"]),
-        oh.make_node("ReduceSum", ["k_phi", "axis_2"], ["k_sum"], keepdims=1),
-        oh.make_node("Transpose", ["k_sum"], ["k_sum_t"], perm=[0, 1, 3, 2]),
-        oh.make_node("Concat", ["kv_sum", "k_sum_t"], ["both"], axis=-1),
-        oh.make_node("Div", ["both", "tokens_f32"], ["scaled"]),
-        oh.make_node("Unsqueeze", ["scaled", "axis_2"], ["partials"]),
-    ], opset_imports=[oh.make_opsetid("", opset)], attributes=attrs)
-    reduce = oh.make_function(DOMAIN, REDUCE_OP, ["partials"], ["state"], [
-        *common, oh.make_node("ReduceSum", ["partials", "axis_2"], ["state"], keepdims=0),
-    ], opset_imports=[oh.make_opsetid("", opset)], attributes=list(PLUGIN_ATTRIBUTES))
-    eps = oh.make_node("Constant", [], ["eps_value"])
-    eps.attribute.append(onnx.AttributeProto(name="value_float", type=onnx.AttributeProto.FLOAT, ref_attr_name="eps"))
-    apply = oh.make_function(DOMAIN, APPLY_OP, ["q", "state"], ["out"], [
-        *common, *heads_from_attr(), eps, *split_heads("q"), *phi("q"),
-        oh.make_node("Shape", ["state"], ["state_shape"]),
-        oh.make_node("Constant", [], ["axis_last"], value_ints=[-1]),
-        oh.make_node("Constant", [], ["zero"], value_ints=[0]),
-        oh.make_node("Constant", [], ["big"], value_ints=[1 << 30]),
-        oh.make_node("Gather", ["state_shape", "axis_2"], ["d_1d"], axis=0),
-        oh.make_node("Slice", ["state", "zero", "d_1d", "axis_last"], ["kv"]),
-        oh.make_node("Slice", ["state", "d_1d", "big", "axis_last"], ["mean"]),
-        oh.make_node("MatMul", ["q_phi", "kv"], ["numerator"]),
-        oh.make_node("MatMul", ["q_phi", "mean"], ["z_raw"]),
-        oh.make_node("Add", ["z_raw", "eps_value"], ["z"]),
-        oh.make_node("Div", ["numerator", "z"], ["out_heads"]),
-        oh.make_node("Transpose", ["out_heads"], ["out_split"], perm=[0, 2, 1, 3]),
-        oh.make_node("Concat", ["q_bn", "minus_1"], ["merge_shape"], axis=0),
-        oh.make_node("Reshape", ["out_split", "merge_shape"], ["out_f32"]),
-        oh.make_node("CastLike", ["out_f32", "q"], ["out"]),
-    ], opset_imports=[oh.make_opsetid("", opset)], attributes=["heads", "eps", *PLUGIN_ATTRIBUTES])
-    return [state, reduce, apply]
+    """Standard-op bodies of the three plugin ops (the contract's builder, S = 1), so ONNX Runtime
+    can run a rewritten graph. Used by the tests to prove the rewrite; never put into a file that
+    TensorRT parses (an older parser would inline them instead of using the plugins)."""
+    return plugin_reference_functions(opset)
 
 
 def with_reference_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Attach reference_functions (replacing any of the same names) to a rewritten model."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in PLUGIN_OPS)]
+    keep = [f for f in model.functions if not (f.domain == ops.DOMAIN and f.name in ops.PLUGIN_OPS)]
     del model.functions[:]
     model.functions.extend(keep + reference_functions(opset))
     return model

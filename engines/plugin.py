@@ -24,15 +24,15 @@ from functools import cache
 
 import numpy as np
 import numpy.typing as npt
+from linfusion.runtime.contract import ops
 
 from . import kernel_build as K
-from .onnx_prep import APPLY_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, REDUCE_OP, STATE_OP
 
 MIN_TENSORRT = (10, 10)
 """AOT Python plugins arrived in 10.9, but the 10.9 ONNX parser hands the QDP creator the node
 name instead of the op type (NVIDIA's sample names nodes after their op type up to 10.9), so
 our per-layer node names would not resolve; 10.10 passes the op type."""
-PLUGIN_IDS = tuple(f"{PLUGIN_NAMESPACE}::{op}" for op in (STATE_OP, REDUCE_OP, APPLY_OP))
+PLUGIN_IDS = tuple(f"{ops.PLUGIN_NAMESPACE}::{op}" for op in ops.PLUGIN_OPS)
 Int32Attr = npt.NDArray[np.int32]
 Float32Attr = npt.NDArray[np.float32]
 _registered: dict[str, str] = {}
@@ -217,7 +217,7 @@ def _launch_params(trtp, launch: K.Launch):
 
 def plugin_record(enabled: bool, arch: str | None = None, kernels: str = "auto", nvrtc: str | None = None) -> dict:
     """What engines.json records about the plugin."""
-    record = {"names": list(PLUGIN_IDS), "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+    record = {"names": list(PLUGIN_IDS), "namespace": ops.PLUGIN_NAMESPACE, "version": ops.PLUGIN_VERSION,
               "enabled": enabled, "implementation": "aot" if enabled else "inlined ONNX function"}
     if enabled:
         record["kernel_arch"] = arch

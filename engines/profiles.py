@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from linfusion.runtime.contract import Axis, BatchRule, ComponentKind, ComponentSpec, component_kind
 from linfusion.runtime.engine_manifest import ProfileSpec
-from linfusion.runtime.manifest import ComponentSpec, Manifest
+from linfusion.runtime.manifest import Manifest
 
 MAX_SIDE_RATIO = 2.0
 
@@ -115,10 +116,11 @@ def spatial_profiles(multiple: int, min_size: int | None = None, opt_size: int |
     return [SpatialProfile(r, r) for r in nested]
 
 
-def component_batch(component: str, batch: Range) -> Range:
-    if component == "unet":  # batched CFG runs negative and positive together
+def component_batch(kind: ComponentKind | str, batch: Range) -> Range:
+    kind = component_kind(kind) if isinstance(kind, str) else kind
+    if kind.batch_rule is BatchRule.CFG:  # batched CFG runs negative and positive together
         return Range(batch.min, batch.opt * 2, batch.max * 2)
-    if component.startswith("text_encoder"):
+    if kind.batch_rule is BatchRule.PROMPT_PAIR:
         return Range(1, batch.opt * 2, batch.max * 2)
     return batch
 
@@ -127,15 +129,15 @@ def component_profiles(manifest: Manifest, component: str, spatial: list[Spatial
                        batch: Range) -> list[ProfileSpec]:
     """The profiles of one component: one per spatial profile (text encoders: one, static)."""
     spec: ComponentSpec = manifest.components[component]
-    factor = int(manifest.pipeline["vae_scale_factor"])
-    comp_batch = component_batch(component, batch)
-    uses_space = any(isinstance(d, str) and d != "batch" for t in spec.inputs for d in t.shape)
+    factor = manifest.pipeline.vae_scale_factor
+    comp_batch = component_batch(spec.kind, batch)
+    uses_space = any(d in Axis.UNITS for t in spec.inputs for d in t.shape)
     profiles = []
     for sp in (spatial if uses_space else spatial[:1]):
-        dims = {"batch": comp_batch,
-                "height": _latent(sp.height, factor), "width": _latent(sp.width, factor),
-                "latent_height": _latent(sp.height, factor), "latent_width": _latent(sp.width, factor),
-                "image_height": sp.height, "image_width": sp.width}
+        dims = {Axis.BATCH: comp_batch}
+        for axis, unit in Axis.UNITS.items():
+            pixels = sp.height if axis in Axis.VERTICAL else sp.width
+            dims[axis] = _latent(pixels, factor) if unit == "latent" else pixels
         shapes = {}
         for tensor in spec.inputs:
             rows = [[], [], []]

@@ -1,7 +1,9 @@
-"""What each exported component is: the traced module, its I/O names (optimum's), dtypes and axes.
+"""The torch side of each component kind: the traced module and inputs of any batch and size.
 
-A ``Component`` knows how to make inputs of any batch and size, so the same description serves
-tracing (at one size) and the parity check (at another size and batch 2).
+The I/O names, dtypes and axes come from the contract (``linfusion.runtime.contract``); this
+module adds the wrapper that is traced and an input maker, so the same description serves
+tracing (at one size), the parity check (at another size and batch 2) and validation.
+``build_component`` dispatches on the registry entry's role.
 """
 
 from __future__ import annotations
@@ -10,9 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from linfusion.runtime.contract import (
+    ComponentKind,
+    Role,
+    TensorSpec,
+    component_kind,
+    text_encoder_io,
+    unet_io,
+    vae_decoder_io,
+    vae_encoder_io,
+)
 from torch import nn
-
-from linfusion.runtime.manifest import TensorSpec
 
 TEXT_LENGTH = 77
 MAX_BATCH = 1024
@@ -25,12 +35,11 @@ class UNetForExport(nn.Module):
         self.unet = unet
         self.xl = xl
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        # diffusers concatenates text_embeds with float32 time embeddings; eager PyTorch promotes
-        # to float32 there, the exporter does not, so promote explicitly (same numbers).
-        added = {"text_embeds": text_embeds.float(), "time_ids": time_ids} if self.xl else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                         return_dict=False)[0]
+    def forward(self, latents, t, context, pooled=None, micro_conditioning=None):
+        # diffusers concatenates the pooled embedding with float32 time embeddings; eager PyTorch
+        # promotes to float32 there, the exporter does not, so promote explicitly (same numbers).
+        added = dict(text_embeds=pooled.float(), time_ids=micro_conditioning) if self.xl else None  # noqa: C408 - diffusers' kwargs
+        return self.unet(latents, t, context, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class TextEncoderForExport(nn.Module):
@@ -41,8 +50,8 @@ class TextEncoderForExport(nn.Module):
         self.encoder = encoder
         self.projected = hasattr(encoder, "text_projection")
 
-    def forward(self, input_ids):
-        out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+    def forward(self, ids):
+        out = self.encoder(ids, output_hidden_states=True, return_dict=True)
         outputs = (out.last_hidden_state, out.hidden_states[-2])
         return outputs + (out.text_embeds,) if self.projected else outputs
 
@@ -52,8 +61,8 @@ class VaeDecoderForExport(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
 
 
 class VaeEncoderForExport(nn.Module):
@@ -63,13 +72,14 @@ class VaeEncoderForExport(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, sample):
-        return self.vae.encode(sample).latent_dist.parameters
+    def forward(self, images):
+        return self.vae.encode(images).latent_dist.parameters
 
 
 @dataclass
 class Component:
     name: str
+    kind: ComponentKind
     module: nn.Module
     dtype: torch.dtype
     inputs: list[TensorSpec]
@@ -79,8 +89,8 @@ class Component:
     spatial_multiple: int
     trace_size: tuple[int, int]
 
-    def dynamic_shapes(self) -> dict[str, dict[int, torch.export.Dim]]:
-        """One shared Dim per axis name: every batched input shares ``batch``."""
+    def dynamic_shapes(self) -> tuple[dict[int, torch.export.Dim], ...]:
+        """One shared Dim per axis name (every batched input shares ``batch``), positionally."""
         dims: dict[str, torch.export.Dim] = {}
         for axis in {a for t in self.inputs for a in t.shape if isinstance(a, str)}:
             if axis == "batch":
@@ -88,8 +98,7 @@ class Component:
             else:
                 dims[axis] = torch.export.Dim(axis, min=self.spatial_multiple,
                                               max=MAX_LATENT * self.spatial_multiple)
-        return {t.name: {i: dims[a] for i, a in enumerate(t.shape) if isinstance(a, str)}
-                for t in self.inputs}
+        return tuple({i: dims[a] for i, a in enumerate(t.shape) if isinstance(a, str)} for t in self.inputs)
 
 
 def numpy_dtype(dtype: torch.dtype) -> str:
@@ -100,14 +109,8 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
     unet = pipe.unet
     channels = unet.config.in_channels
     context = unet.config.cross_attention_dim
-    dt = numpy_dtype(dtype)
-    inputs = [TensorSpec("sample", dt, ["batch", channels, "height", "width"]),
-              TensorSpec("timestep", "float32", ["batch"]),
-              TensorSpec("encoder_hidden_states", dt, ["batch", TEXT_LENGTH, context])]
-    pooled = pipe.text_encoder_2.config.projection_dim if xl else 0
-    if xl:
-        inputs += [TensorSpec("text_embeds", dt, ["batch", pooled]),
-                   TensorSpec("time_ids", "float32", ["batch", 6])]
+    pooled = pipe.text_encoder_2.config.projection_dim if xl else None
+    inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled)
 
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         tensors = (torch.randn(batch, channels, height, width, generator=g).to(dtype),
@@ -119,19 +122,14 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
                         torch.tensor([size + [0.0, 0.0] + size] * batch))
         return tensors
 
-    return Component("unet", UNetForExport(unet, xl), dtype, inputs,
-                     [TensorSpec("out_sample", dt, ["batch", unet.config.out_channels, "height", "width"])],
+    return Component("unet", component_kind("unet"), UNetForExport(unet, xl), dtype, inputs, outputs,
                      make, latent_multiple, (2 * latent_multiple, 3 * latent_multiple))
 
 
 def text_encoder_component(name: str, encoder: nn.Module, dtype: torch.dtype) -> Component:
     wrapper = TextEncoderForExport(encoder)
-    dt = numpy_dtype(dtype)
-    hidden = encoder.config.hidden_size
-    outputs = [TensorSpec("last_hidden_state", dt, ["batch", TEXT_LENGTH, hidden]),
-               TensorSpec("penultimate_hidden_state", dt, ["batch", TEXT_LENGTH, hidden])]
-    if wrapper.projected:
-        outputs.append(TensorSpec("text_embeds", dt, ["batch", encoder.config.projection_dim]))
+    projection = encoder.config.projection_dim if wrapper.projected else None
+    inputs, outputs = text_encoder_io(numpy_dtype(dtype), encoder.config.hidden_size, projection, TEXT_LENGTH)
     vocab = encoder.config.vocab_size
 
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -140,8 +138,7 @@ def text_encoder_component(name: str, encoder: nn.Module, dtype: torch.dtype) ->
         ids[:, torch.randint(2, TEXT_LENGTH, (1,), generator=g).item()] = vocab - 1
         return (ids,)
 
-    return Component(name, wrapper, dtype, [TensorSpec("input_ids", "int64", ["batch", TEXT_LENGTH])],
-                     outputs, make, 1, (1, 1))
+    return Component(name, component_kind(name), wrapper, dtype, inputs, outputs, make, 1, (1, 1))
 
 
 def vae_components(vae: nn.Module, latent_multiple: int, dtype: torch.dtype) -> list[Component]:
@@ -155,14 +152,21 @@ def vae_components(vae: nn.Module, latent_multiple: int, dtype: torch.dtype) -> 
     def make_images(batch, height, width, g):
         return ((torch.rand(batch, 3, height, width, generator=g) * 2 - 1).to(dtype),)
 
-    decoder = Component(
-        "vae_decoder", VaeDecoderForExport(vae), dtype,
-        [TensorSpec("latent_sample", dt, ["batch", latents, "latent_height", "latent_width"])],
-        [TensorSpec("sample", dt, ["batch", 3, "image_height", "image_width"])],
-        make_latents, 1, (2 * latent_multiple, 3 * latent_multiple))
-    encoder = Component(
-        "vae_encoder", VaeEncoderForExport(vae), dtype,
-        [TensorSpec("sample", dt, ["batch", 3, "image_height", "image_width"])],
-        [TensorSpec("latent_parameters", dt, ["batch", 2 * latents, "latent_height", "latent_width"])],
-        make_images, factor, (2 * latent_multiple * factor, 3 * latent_multiple * factor))
+    decoder = Component("vae_decoder", component_kind("vae_decoder"), VaeDecoderForExport(vae), dtype,
+                        *vae_decoder_io(dt, latents), make_latents, 1, (2 * latent_multiple, 3 * latent_multiple))
+    encoder = Component("vae_encoder", component_kind("vae_encoder"), VaeEncoderForExport(vae), dtype,
+                        *vae_encoder_io(dt, latents), make_images, factor,
+                        (2 * latent_multiple * factor, 3 * latent_multiple * factor))
     return [decoder, encoder]
+
+
+def build_component(kind: ComponentKind, pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> Component:
+    """The Component of registry entry ``kind`` for a loaded diffusers pipeline."""
+    module = getattr(pipe, kind.source_module, None)
+    if module is None:
+        raise KeyError(f"the pipeline has no {kind.source_module} for {kind.name}")
+    if kind.role is Role.TEXT_ENCODER:
+        return text_encoder_component(kind.name, module, dtype)
+    if kind.role is Role.DENOISER:
+        return unet_component(pipe, xl, latent_multiple, dtype)
+    return next(c for c in vae_components(module, latent_multiple, dtype) if c.kind is kind)

@@ -20,15 +20,14 @@ from typing import Any
 import torch
 
 from linfusion.loader import LoadedPipeline
-from linfusion.runtime.manifest import MANIFEST_NAME, ComponentSpec, Manifest, file_records
+from linfusion.runtime.contract import ComponentSpec, PipelineFacts, component_kind, kinds_for, text_encoder_names
+from linfusion.runtime.manifest import MANIFEST_NAME, Manifest, file_records
 
 from . import onnx_file
-from .components import Component, text_encoder_component, unet_component, vae_components
+from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-SD_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 class ExportError(RuntimeError):
@@ -36,7 +35,7 @@ class ExportError(RuntimeError):
 
 
 def available_components(xl: bool) -> tuple[str, ...]:
-    return XL_COMPONENTS if xl else SD_COMPONENTS
+    return tuple(kind.name for kind in kinds_for(xl))
 
 
 def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
@@ -113,37 +112,33 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
             if not result.passed:
                 raise ExportError(f"parity check failed: {result.summary()}")
         specs[component.name] = ComponentSpec(
-            f"{component.name}/model.onnx", precision_name, component.inputs, component.outputs,
-            external and f"{component.name}/{external}", nodes)
+            component.kind.name, f"{component.name}/model.onnx", precision_name, component.inputs,
+            component.outputs, external and f"{component.name}/{external}", nodes)
 
-    _save_tokenizers(pipe, folder)
+    _save_tokenizers(pipe, loaded.is_xl, folder)
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
     pipe.save_config(folder)
     manifest = Manifest(
         source=loaded.provenance(), precision=precision, opset=opset,
         pipeline=_pipeline_facts(pipe, loaded.is_xl, latent_multiple),
         components=specs, tools=_tool_versions(), parity=parity)
-    manifest.files = file_records(folder)
+    manifest = manifest.with_files(file_records(folder))
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
 
 
 def _components(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype, vae_dtype: torch.dtype,
                 names: list[str]) -> list[Component]:
-    built: list[Component] = []
+    built = []
     for name in names:
-        if name.startswith("text_encoder"):
-            built.append(text_encoder_component(name, getattr(pipe, name), dtype))
-        elif name == "unet":
-            built.append(unet_component(pipe, xl, latent_multiple, dtype))
-        else:
-            built.append(next(c for c in vae_components(pipe.vae, latent_multiple, vae_dtype) if c.name == name))
+        kind = component_kind(name)
+        built.append(build_component(kind, pipe, xl, latent_multiple, vae_dtype if kind.vae else dtype))
     return built
 
 
-def _save_tokenizers(pipe, folder: Path) -> None:
+def _save_tokenizers(pipe, xl: bool, folder: Path) -> None:
     """tokenizer.json for the `tokenizers` library, plus CLIP's vocab.json and merges.txt."""
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in (component_kind(encoder).tokenizer for encoder in text_encoder_names(xl)):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is None:
             continue
@@ -172,26 +167,27 @@ def _save_scheduler_config(scheduler, folder: Path) -> None:
     (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> dict[str, Any]:
+def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> PipelineFacts:
     vae_config = pipe.vae.config
-    facts = {
-        "kind": "sdxl" if xl else "sd",
-        "pipeline_class": type(pipe).__name__,
-        "latent_channels": pipe.unet.config.in_channels,
-        "latent_multiple": latent_multiple,
-        "vae_scale_factor": 2 ** (len(vae_config.block_out_channels) - 1),
-        "vae_scaling_factor": vae_config.scaling_factor,
-        "vae_shift_factor": getattr(vae_config, "shift_factor", None),
-        "vae_force_upcast": bool(vae_config.get("force_upcast", False)),
-        "default_size": pipe.unet.config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1),
-        "text_length": 77,
-        "text_encoders": ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"],
-    }
-    if xl:
-        facts["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
-        facts["requires_aesthetics_score"] = bool(pipe.config.get("requires_aesthetics_score", False))
-        facts["addition_time_embed_dim"] = pipe.unet.config.addition_time_embed_dim
-    return facts
+    vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    return PipelineFacts(
+        kind="sdxl" if xl else "sd",
+        pipeline_class=type(pipe).__name__,
+        latent_channels=pipe.unet.config.in_channels,
+        latent_multiple=latent_multiple,
+        vae_scale_factor=vae_factor,
+        vae_scaling_factor=vae_config.scaling_factor,
+        vae_shift_factor=getattr(vae_config, "shift_factor", None),
+        vae_force_upcast=bool(vae_config.get("force_upcast", False)),
+        default_size=pipe.unet.config.sample_size * vae_factor,
+        text_length=TEXT_LENGTH,
+        text_encoders=text_encoder_names(xl),
+        force_zeros_for_empty_prompt=xl and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        requires_aesthetics_score=xl and bool(pipe.config.get("requires_aesthetics_score", False)),
+        addition_time_embed_dim=pipe.unet.config.addition_time_embed_dim if xl else None,
+        unet_block_channels=tuple(pipe.unet.config.block_out_channels),
+        vae_block_channels=tuple(vae_config.block_out_channels),
+    )
 
 
 def _tool_versions() -> dict[str, str]:

@@ -17,10 +17,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
+from linfusion.runtime.contract import ops
 
-from linfusion.runtime.manifest import LINEAR_ATTENTION_DOMAIN, LINEAR_ATTENTION_OP
-
-from .attention_op import DOMAIN_VERSION, function_proto, routed_to_custom_op, translation_table
+from .attention_op import function_proto, routed_to_custom_op, translation_table
 from .components import Component
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def finish(model: ir.Model, opset: int) -> int:
     """Attach the function, name the attention nodes, strip metadata; returns the node count."""
     count = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == LINEAR_ATTENTION_DOMAIN and node.op_type == LINEAR_ATTENTION_OP:
+        if node.domain == ops.DOMAIN and node.op_type == ops.LINEAR_ATTENTION:
             count += 1
             node.name = _module_name(node) or f"linear_attention_{count}"
         node.metadata_props.clear()
@@ -60,7 +59,7 @@ def finish(model: ir.Model, opset: int) -> int:
     if count:
         function = ir.serde.deserialize_function(function_proto(opset))
         model.functions[function.identifier()] = function
-        model.opset_imports[LINEAR_ATTENTION_DOMAIN] = DOMAIN_VERSION
+        model.opset_imports[ops.DOMAIN] = ops.DOMAIN_VERSION
     model.graph.metadata_props.clear()
     model.doc_string = None
     return count

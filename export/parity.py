@@ -16,10 +16,8 @@ import numpy as np
 import torch
 
 from .components import Component
-from .validation.backends import run_runner
-from .validation.compare import OutputMetrics, compare_outputs
-from .validation.tolerances import TOLERANCES as VALIDATION_TOLERANCES
-from .validation.tolerances import tolerance_for
+from .comparison import OutputMetrics, compare_outputs, run_runner, tolerance_for
+from .comparison import TOLERANCES as VALIDATION_TOLERANCES
 
 # Bound on max |ort - torch| / max |torch| per precision (kept as floats for callers that read them).
 TOLERANCES = {precision: t.max_rel for precision, t in VALIDATION_TOLERANCES.items()}
@@ -31,7 +29,8 @@ OutputParity = OutputMetrics
 class ParityResult:
     component: str
     batch: int
-    size: tuple[int, int]
+    size: tuple[int, int] | None
+    """None for components without spatial axes (text encoders)."""
     tolerance: float
     outputs: list[OutputMetrics]
     cosine_tolerance: float = 0.0
@@ -43,7 +42,7 @@ class ParityResult:
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: (not o.passed, o.max_rel_error))
         status = "ok" if self.passed else "FAILED"
-        where = "" if self.component.startswith("text_encoder") else f" {self.size[0]}x{self.size[1]}"
+        where = "" if self.size is None else f" {self.size[0]}x{self.size[1]}"
         return (f"{self.component}{where} batch {self.batch}: max rel error "
                 f"{worst.max_rel_error:.2e} ({worst.output}), tolerance {self.tolerance:.0e} -> {status}")
 
@@ -75,7 +74,8 @@ def check_parity(component: Component, onnx_path: Path, precision: str, batch: i
     reference = {spec.name: e.float().numpy() if e.dtype == torch.bfloat16 else e.numpy()
                  for spec, e in zip(component.outputs, expected)}
     outputs = compare_outputs(reference, got, tolerance)
-    return ParityResult(component.name, batch, size, tolerance.max_rel, outputs, tolerance.cosine)
+    return ParityResult(component.name, batch, size if component.kind.spatial else None, tolerance.max_rel, outputs,
+                        tolerance.cosine)
 
 
 def parity_size(component: Component) -> tuple[int, int]:

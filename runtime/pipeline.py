@@ -2,16 +2,15 @@
 
 The loop follows diffusers' StableDiffusion(XL)Pipeline step for step, so that with the same
 initial latents, or the same seed through the torch-compatible generator, it reproduces
-diffusers' images. Every request is validated before any model runs.
+diffusers' images. Every request is checked (``request``) before any model runs.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,17 @@ import numpy as np
 from . import vae
 from .backends.base import ModelRunner, ShapeError
 from .backends.select import load_backend
+from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
 from .guidance import combine_guidance
 from .images import load_image, to_pil, to_unit_range
 from .manifest import Manifest, ManifestError, load_manifest
 from .prompts import TextStack, sdxl_time_ids
+from .request import GenerationError, GenerationRequest, Plan, check_numbers, prompt_lists
 from .rng import TorchCompatibleGenerator
 from .schedulers import default_scheduler_name, make_scheduler
 from .text import ClipTokenizer
 
-CFG_MODES = ("batched", "sequential")
-DEFERRED = ("vae_encoder",)
-"""Components loaded on first use: text-to-image never needs the VAE encoder."""
-
-
-class GenerationError(ValueError):
-    """A request that cannot be run: the message says what to change."""
+__all__ = ["GenerationError", "GenerationRequest", "Pipeline", "PipelineOutput", "Plan"]
 
 
 @dataclass
@@ -43,33 +38,8 @@ class PipelineOutput:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds: encode, denoise (all steps), unet_per_step, decode, total."""
-
-
-@dataclass
-class Request:
-    """A validated generation request, with every size resolved."""
-
-    prompts: list[str]
-    negative: list[str] | None
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    scheduler: str
-    images_per_prompt: int
-    cfg_mode: str
-    strength: float | None
-    init_image: np.ndarray | None
-    latents: np.ndarray | None
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+    scheduler: str = ""
+    """The scheduler that ran (registry name)."""
 
 
 class Pipeline:
@@ -85,11 +55,11 @@ class Pipeline:
         self._deferred = dict(deferred or {})
         self._load_lock = threading.Lock()
         self.scheduler_config = scheduler_config
-        self.xl = manifest.pipeline["kind"] == "sdxl"
-        self.text = TextStack(tokenizers, [runners[n] for n in manifest.pipeline["text_encoders"]], self.xl)
-        facts = manifest.pipeline
-        self.vae_factor = int(facts["vae_scale_factor"])
-        self.latent_tile = max(int(facts["default_size"]) // self.vae_factor, manifest.latent_multiple)
+        self.facts = manifest.pipeline
+        self.xl = self.facts.xl
+        self.text = TextStack(tokenizers, [runners[n] for n in self.facts.text_encoders], self.xl)
+        self.vae_factor = self.facts.vae_scale_factor
+        self.latent_tile = self.facts.native_latent_side
 
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
@@ -100,19 +70,24 @@ class Pipeline:
 
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
-        required = [*manifest.pipeline["text_encoders"], "unet", "vae_decoder"]
+        required = [*manifest.pipeline.text_encoders, UNET.name, VAE_DECODER.name]
         missing = [name for name in required if name not in manifest.components]
         if missing:
             raise ManifestError(f"{directory} lacks {', '.join(missing)}; re-export without --components "
                                 f"to generate images")
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads)
-        runners = {name: chosen.load(directory, name, spec) for name, spec in manifest.components.items()
-                   if name not in DEFERRED}
+        specs = manifest.components
+        runners = {name: chosen.load(directory, name, spec) for name, spec in specs.items()
+                   if not component_kind(spec.kind).deferred}
         deferred = {name: (lambda n=name, s=spec: chosen.load(directory, n, s))
-                    for name, spec in manifest.components.items() if name in DEFERRED}
-        tokenizers = [ClipTokenizer(directory / name.replace("text_encoder", "tokenizer"))
-                      for name in manifest.pipeline["text_encoders"]]
-        scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+                    for name, spec in specs.items() if component_kind(spec.kind).deferred}
+        tokenizers = [ClipTokenizer(directory / component_kind(specs[name].kind).tokenizer)
+                      for name in manifest.pipeline.text_encoders]
+        try:
+            scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{directory}: cannot read scheduler/scheduler_config.json ({exc}); "
+                                f"re-export the model") from exc
         return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred)
 
     def runner(self, name: str) -> ModelRunner:
@@ -125,7 +100,7 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        return int(self.manifest.pipeline["default_size"])
+        return self.facts.default_size
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -134,33 +109,35 @@ class Pipeline:
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
                  cfg_mode: str = "batched", tile_vae: bool | None = None,
                  callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
-        """Generate images; the argument names follow diffusers' pipelines."""
+        """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``)."""
+        names = [f.name for f in fields(GenerationRequest)]
+        values = locals()
+        return self.generate(GenerationRequest(**{n: values[n] for n in names}), callback)
+
+    def generate(self, request: GenerationRequest,
+                 callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
+        """Run one request: checked first (``plan``), then encode, denoise, decode."""
         start = time.perf_counter()
-        request = self.validate(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                scheduler, num_images_per_prompt, latents, image, strength, output_type,
-                                guidance_rescale, cfg_mode)
-        seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
-        generator = TorchCompatibleGenerator(seed)
+        plan = self.plan(request)
+        generator = TorchCompatibleGenerator(plan.seed)
         timings: dict[str, float] = {}
-        tiling = self.tiling(request.height // self.vae_factor, request.width // self.vae_factor, tile_vae)
+        tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
 
         t0 = time.perf_counter()
-        embeddings = self.text.encode_pair(
-            request.prompts, request.negative, bool(self.manifest.pipeline.get("force_zeros_for_empty_prompt")))
-        negative, positive = (self._repeat(e, request.images_per_prompt) for e in embeddings)
-        conditioning = self._guidance_inputs(negative, positive, request)
+        embeddings = self.text.encode_pair(plan.prompts, plan.negative, self.facts.force_zeros_for_empty_prompt)
+        negative, positive = (self._repeat(e, plan.images_per_prompt) for e in embeddings)
+        conditioning = self._guidance_inputs(negative, positive, plan)
         timings["encode"] = time.perf_counter() - t0
 
-        sched = make_scheduler(request.scheduler, self.scheduler_config)
-        sched.set_timesteps(request.steps)
+        sched = make_scheduler(plan.scheduler, self.scheduler_config)
+        sched.set_timesteps(plan.steps)
         timesteps = sched.timesteps
         t0 = time.perf_counter()
-        if request.init_image is not None:
-            timesteps, latents = self._img2img_latents(request, sched, generator, tiling)
+        if plan.init_image is not None:
+            timesteps, latents = self._img2img_latents(plan, sched, generator, tiling)
         else:
             sched.set_begin_index(0)  # as diffusers' SD-XL does; safe with repeated Karras timesteps
-            shape = self._latent_shape(request)
-            noise = request.latents if request.latents is not None else generator.randn(shape)
+            noise = plan.latents if plan.latents is not None else generator.randn(self._latent_shape(plan))
             latents = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
         timings["encode"] += time.perf_counter() - t0
 
@@ -169,7 +146,7 @@ class Pipeline:
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             u0 = time.perf_counter()
-            noise_pred = self._predict_noise(model_input, t, conditioning, request)
+            noise_pred = self._predict_noise(model_input, t, conditioning, plan)
             unet_time += time.perf_counter() - u0
             step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
@@ -179,81 +156,63 @@ class Pipeline:
         timings["unet_per_step"] = unet_time / max(len(timesteps), 1)
 
         t0 = time.perf_counter()
-        images = vae.decode(self.runners["vae_decoder"], self._unscale(latents), self.vae_factor, tiling)
+        images = vae.decode(self.runners[VAE_DECODER.name], self._unscale(latents), self.vae_factor, tiling)
         images = to_unit_range(images)
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - start
-        return PipelineOutput(images if output_type == "np" else to_pil(images), seed, timings)
+        return PipelineOutput(images if plan.output_type == "np" else to_pil(images), plan.seed, timings,
+                              plan.scheduler)
 
-    def validate(self, prompt, negative_prompt, height, width, steps, guidance_scale, scheduler,
-                 images_per_prompt, latents, image, strength, output_type, guidance_rescale,
-                 cfg_mode) -> Request:
+    def plan(self, request: GenerationRequest) -> Plan:
         """Check everything a request can get wrong, before any model runs."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise GenerationError("no prompt given")
-        negative = None
-        if negative_prompt is not None:
-            negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negative) != len(prompts):
-                raise GenerationError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        if int(steps) < 1:
-            raise GenerationError(f"num_inference_steps must be at least 1, got {steps}")
-        if images_per_prompt < 1:
-            raise GenerationError(f"num_images_per_prompt must be at least 1, got {images_per_prompt}")
-        if output_type not in ("pil", "np"):
-            raise GenerationError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        if cfg_mode not in CFG_MODES:
-            raise GenerationError(f"cfg_mode must be one of {', '.join(CFG_MODES)}, got {cfg_mode!r}")
-        name = scheduler or default_scheduler_name(self.scheduler_config)
+        prompts, negative = prompt_lists(request.prompt, request.negative_prompt)
+        numbers = check_numbers(request, self.facts.default_guidance_scale)
+        name = request.scheduler or default_scheduler_name(self.scheduler_config)
         try:
             make_scheduler(name, self.scheduler_config)
         except ValueError as exc:
             raise GenerationError(str(exc)) from exc
-        if image is None and strength is not None:
-            raise GenerationError("strength is only used with an init image")
-        if image is not None:
-            if "vae_encoder" not in self.manifest.components:
+        height, width, strength, init = numbers["height"], numbers["width"], numbers["strength"], None
+        if request.image is not None:
+            if VAE_ENCODER.name not in self.manifest.components:
                 raise GenerationError("this export has no vae_encoder, which img2img needs")
-            strength = 0.8 if strength is None else float(strength)
-            if not 0.0 < strength <= 1.0:
-                raise GenerationError(f"strength must be in (0, 1], got {strength}")
-            if latents is not None:
+            strength = 0.8 if strength is None else strength
+            if request.latents is not None:
                 raise GenerationError("pass either latents or an init image, not both")
             try:
-                init = load_image(image, width, height, self.manifest.pixel_multiple)
+                init = load_image(request.image, width, height, self.manifest.pixel_multiple)
             except ValueError as exc:
                 raise GenerationError(str(exc)) from exc
             height, width = init.shape[2:]
-        else:
-            init = None
-        height = int(height or self.default_size)
-        width = int(width or self.default_size)
+        height = height or self.default_size
+        width = width or self.default_size
         multiple = self.manifest.pixel_multiple
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
+        if height % multiple or width % multiple:
             raise GenerationError(f"height and width must be positive multiples of {multiple} "
                                   f"(latent multiple {self.manifest.latent_multiple} x VAE factor "
                                   f"{self.vae_factor}); got {width}x{height}")
-        request = Request(prompts, negative, height, width, int(steps),
-                          float(guidance_scale if guidance_scale is not None else (5.0 if self.xl else 7.5)),
-                          float(guidance_rescale), name, images_per_prompt, cfg_mode, strength, init, None)
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != self._latent_shape(request):
+        plan = Plan(prompts, negative, height, width, numbers["steps"], numbers["guidance_scale"],
+                    numbers["guidance_rescale"], name, numbers["images_per_prompt"], request.cfg_mode,
+                    numbers["seed"], request.output_type, request.tile_vae, strength, init)
+        if request.latents is not None:
+            latents = np.asarray(request.latents, dtype=np.float32)
+            if latents.shape != self._latent_shape(plan):
                 raise GenerationError(f"latents have shape {latents.shape}; {width}x{height} with batch "
-                                      f"{request.batch} needs {self._latent_shape(request)}")
-            request.latents = latents
-        self._check_engine_shapes(request)
-        return request
+                                      f"{plan.batch} needs {self._latent_shape(plan)}")
+            if not np.isfinite(latents).all():
+                raise GenerationError("latents contain NaN or infinite values")
+            plan.latents = latents
+        self._check_engine_shapes(plan)
+        return plan
 
-    def _check_engine_shapes(self, request: Request) -> None:
-        unet_batch = request.batch * (2 if request.cfg and request.cfg_mode == "batched" else 1)
-        lat = self._latent_shape(request)
+    def _check_engine_shapes(self, plan: Plan) -> None:
+        lat = self._latent_shape(plan)
         try:
-            self.runners["unet"].check_shapes({"sample": (unet_batch, *lat[1:])})
-            tiled = self.tiling(lat[2], lat[3], None)
-            dec = lat if tiled is None else (request.batch, lat[1], min(tiled.tile, lat[2]), min(tiled.tile, lat[3]))
-            self.runners["vae_decoder"].check_shapes({"latent_sample": dec})
+            self.runners[UNET.name].check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
+            tiled = self.tiling(lat[2], lat[3], plan.tile_vae)
+            dec = lat if tiled is None else (plan.batch, lat[1], min(tiled.tile, lat[2]), min(tiled.tile, lat[3]))
+            decoder = self.runners[VAE_DECODER.name]
+            decoder.check_shapes({decoder.input_names[0]: dec})
         except ShapeError as exc:
             raise GenerationError(str(exc)) from exc
 
@@ -264,9 +223,8 @@ class Pipeline:
             tile_vae = latent_h * latent_w > (2 * tile) ** 2
         return vae.Tiling(tile, tile // 4) if tile_vae else None
 
-    def _latent_shape(self, request: Request) -> tuple[int, int, int, int]:
-        channels = int(self.manifest.pipeline["latent_channels"])
-        return (request.batch, channels, request.height // self.vae_factor, request.width // self.vae_factor)
+    def _latent_shape(self, plan: Plan) -> tuple[int, int, int, int]:
+        return (plan.batch, self.facts.latent_channels, plan.height // self.vae_factor, plan.width // self.vae_factor)
 
     @staticmethod
     def _repeat(embeddings, times: int):
@@ -276,15 +234,15 @@ class Pipeline:
             embeddings.pooled = np.repeat(embeddings.pooled, times, axis=0)
         return embeddings
 
-    def _conditioning(self, embeddings, request: Request) -> dict[str, np.ndarray]:
+    def _conditioning(self, embeddings, plan: Plan) -> dict[str, np.ndarray]:
         """The UNet's per-call inputs besides sample and timestep, built once per generation."""
-        cond = {"encoder_hidden_states": embeddings.hidden}
+        cond = {UNetIO.encoder_hidden_states: embeddings.hidden}
         if self.xl:
-            cond["text_embeds"] = embeddings.pooled
-            cond["time_ids"] = sdxl_time_ids(request.height, request.width, embeddings.hidden.shape[0])
+            cond[UNetIO.text_embeds] = embeddings.pooled
+            cond[UNetIO.time_ids] = sdxl_time_ids(plan.height, plan.width, embeddings.hidden.shape[0])
         return cond
 
-    def _guidance_inputs(self, negative, positive, request: Request) -> list[dict[str, np.ndarray]]:
+    def _guidance_inputs(self, negative, positive, request: Plan) -> list[dict[str, np.ndarray]]:
         """One conditioning dict per UNet call of a step: [positive] without CFG, [negative+positive]
         batched, or [negative, positive] sequentially."""
         if not request.cfg:
@@ -296,25 +254,24 @@ class Pipeline:
         return [self._conditioning(both, request)]
 
     def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray]],
-                       request: Request) -> np.ndarray:
-        unet = self.runners["unet"]
+                       request: Plan) -> np.ndarray:
+        unet = self.runners[UNET.name]
         outputs = []
         for cond in conditioning:
-            batch = cond["encoder_hidden_states"].shape[0]
+            batch = cond[UNetIO.encoder_hidden_states].shape[0]
             sample = model_input if batch == model_input.shape[0] else np.concatenate([model_input] * 2)
-            inputs = {"sample": sample, "timestep": np.full(batch, t, dtype=np.float32), **cond}
-            outputs.append(unet.run(inputs, ["out_sample"])["out_sample"].astype(np.float32))
+            inputs = {UNetIO.sample: sample, UNetIO.timestep: np.full(batch, t, dtype=np.float32), **cond}
+            outputs.append(unet.run(inputs, [UNetIO.out_sample])[UNetIO.out_sample].astype(np.float32))
         if not request.cfg:
             return outputs[0]
         uncond, cond = outputs if len(outputs) == 2 else np.split(outputs[0], 2)
         return combine_guidance(uncond, cond, request.guidance_scale, request.guidance_rescale)
 
     def _unscale(self, latents: np.ndarray) -> np.ndarray:
-        facts = self.manifest.pipeline
-        shift = facts.get("vae_shift_factor") or 0.0
-        return latents / np.float32(facts["vae_scaling_factor"]) + np.float32(shift)
+        shift = self.facts.vae_shift_factor or 0.0
+        return latents / np.float32(self.facts.vae_scaling_factor) + np.float32(shift)
 
-    def _img2img_latents(self, request: Request, sched, generator, tiling) -> tuple[np.ndarray, np.ndarray]:
+    def _img2img_latents(self, request: Plan, sched, generator, tiling) -> tuple[np.ndarray, np.ndarray]:
         """SDEdit as diffusers does it: encode, sample, scale, then noise to the start timestep."""
         init_steps = min(int(request.steps * request.strength), request.steps)
         t_start = max(request.steps - init_steps, 0)
@@ -323,11 +280,11 @@ class Pipeline:
             raise GenerationError(f"strength {request.strength} with {request.steps} steps leaves no step to run")
         sched.set_begin_index(t_start * sched.order)
         encoder_tiling = tiling and vae.Tiling(tiling.tile, tiling.overlap)
-        parameters = vae.encode(self.runner("vae_encoder"), request.init_image, self.vae_factor, encoder_tiling)
+        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor, encoder_tiling)
         mean_shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = vae.sample_latents(parameters, generator.randn(mean_shape))
-        shift = self.manifest.pipeline.get("vae_shift_factor") or 0.0
-        latents = (latents - np.float32(shift)) * np.float32(self.manifest.pipeline["vae_scaling_factor"])
+        shift = self.facts.vae_shift_factor or 0.0
+        latents = (latents - np.float32(shift)) * np.float32(self.facts.vae_scaling_factor)
         if request.batch % latents.shape[0] == 0 and request.batch > latents.shape[0]:
             latents = np.concatenate([latents] * (request.batch // latents.shape[0]))
         noise = generator.randn(latents.shape)

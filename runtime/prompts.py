@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import ModelRunner
+from .contract import TextEncoderIO as IO
 from .text import ClipTokenizer
 
 
@@ -29,16 +30,16 @@ class TextStack:
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         if not self.xl:
             ids = self.tokenizers[0](prompts)
-            hidden = self.encoders[0].run({"input_ids": ids}, ["last_hidden_state"])["last_hidden_state"]
+            hidden = self.encoders[0].run({IO.input_ids: ids}, [IO.last_hidden_state])[IO.last_hidden_state]
             return PromptEmbeddings(hidden.astype(np.float32))
         # SD-XL: penultimate hidden states of both encoders side by side, pooled from encoder 2.
         hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            wanted = ["penultimate_hidden_state"] + (["text_embeds"] if "text_embeds" in encoder.output_names else [])
-            out = encoder.run({"input_ids": tokenizer(prompts)}, wanted)
-            hidden_states.append(out["penultimate_hidden_state"].astype(np.float32))
-            if "text_embeds" in out:
-                pooled = out["text_embeds"].astype(np.float32)
+            wanted = [IO.penultimate_hidden_state] + ([IO.text_embeds] if IO.text_embeds in encoder.output_names else [])
+            out = encoder.run({IO.input_ids: tokenizer(prompts)}, wanted)
+            hidden_states.append(out[IO.penultimate_hidden_state].astype(np.float32))
+            if IO.text_embeds in out:
+                pooled = out[IO.text_embeds].astype(np.float32)
         return PromptEmbeddings(np.concatenate(hidden_states, axis=-1), pooled)
 
     def encode_pair(self, prompts: list[str], negative: list[str] | None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import ModelRunner
+from .contract import VaeDecoderIO, VaeEncoderIO
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def run_tiled(run, source: np.ndarray, tiling: Tiling, in_scale: int, out_scale:
 def decode(runner: ModelRunner, latents: np.ndarray, factor: int, tiling: Tiling | None) -> np.ndarray:
     """Unscaled latents -> images in [-1, 1]."""
     def run(x: np.ndarray) -> np.ndarray:
-        return runner.run({"latent_sample": x})["sample"]
+        return runner.run({VaeDecoderIO.latent_sample: x})[VaeDecoderIO.sample]
 
     if tiling is None:
         return run(latents).astype(np.float32)
@@ -78,7 +79,7 @@ def decode(runner: ModelRunner, latents: np.ndarray, factor: int, tiling: Tiling
 def encode(runner: ModelRunner, images: np.ndarray, factor: int, tiling: Tiling | None) -> np.ndarray:
     """Images in [-1, 1] -> latent parameters (mean and log-variance, concatenated on channels)."""
     def run(x: np.ndarray) -> np.ndarray:
-        return runner.run({"sample": x})["latent_parameters"]
+        return runner.run({VaeEncoderIO.sample: x})[VaeEncoderIO.latent_parameters]
 
     if tiling is None:
         return run(images).astype(np.float32)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from linfusion.engines import onnx_prep as P
+from linfusion.runtime.contract import ops
 from linfusion.engines.cli import main
 from linfusion.engines.profiles import (
     ProfileError,
@@ -69,7 +70,7 @@ def test_component_profiles_follow_the_manifest(sd_export):
     unet = component_profiles(manifest, "unet", spatial, batch)
     assert len(unet) == 2
     low, opt, high = unet[0].shapes["sample"]
-    factor = manifest.pipeline["vae_scale_factor"]
+    factor = manifest.pipeline.vae_scale_factor
     assert low == [1, 4, 128 // factor, 128 // factor] and high[0] == 8  # CFG doubles the batch
     assert opt[0] == 2 and unet[1].shapes["sample"][2][2:] == [512 // factor] * 2
     assert unet[1].shapes["sample"][0][2:] == [128 // factor] * 2, "nested: 512x128 must fit a profile"
@@ -233,7 +234,7 @@ def test_rewritten_graph_matches_the_export(exported, precision, size, batch):
     spec = manifest.components["unet"]
     dtype = np.dtype(spec.input("sample").dtype)
     rng = np.random.default_rng(3)
-    factor = manifest.pipeline["vae_scale_factor"]
+    factor = manifest.pipeline.vae_scale_factor
     hidden = spec.input("encoder_hidden_states").shape
     feed = {"sample": rng.standard_normal((batch, 4, size[0] // factor, size[1] // factor)).astype(dtype),
             "timestep": np.array([10.0, 700.0][:batch], np.float32),
@@ -268,8 +269,8 @@ def test_prepare_writes_a_copy_and_leaves_the_export_alone(sd_export, tmp_path):
     assert source.read_bytes() == before
     assert on.attention_nodes == off.attention_nodes == len(on.heads) > 0
     on_model, off_model = onnx.load(str(on.path)), onnx.load(str(off.path))
-    assert {n.op_type for n in on_model.graph.node if n.domain == "linfusion"} == set(P.PLUGIN_OPS)
-    assert not any(f.name in P.PLUGIN_OPS for f in on_model.functions), "TensorRT must not inline the plugins"
+    assert {n.op_type for n in on_model.graph.node if n.domain == "linfusion"} == set(ops.PLUGIN_OPS)
+    assert not any(f.name in ops.PLUGIN_OPS for f in on_model.functions), "TensorRT must not inline the plugins"
     for node in P.attention_nodes(off_model):
         assert "plugin_namespace" not in _attrs(node) and "heads" in _attrs(node)
     assert any(f.name == "LinearAttention" for f in off_model.functions)

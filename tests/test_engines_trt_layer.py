@@ -282,7 +282,7 @@ def test_an_interrupted_build_records_the_engines_it_replaced(exported, tmp_path
             raise KeyboardInterrupt
         return memoryview(f"engine for {onnx_path.parent.name}".encode())
 
-    monkeypatch.setattr(B, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.12.0.36"))
+    monkeypatch.setattr(B, "builder_tensorrt", lambda: types.SimpleNamespace(__version__="10.12.0.36"))
     monkeypatch.setattr(B, "gpu_info", lambda: ("Fake GPU", "9.0"))
     monkeypatch.setattr(B, "build_engine", fake_build)
     out = export / "engines"

@@ -32,8 +32,8 @@ def test_export_directory_layout_and_manifest(exported, preset, precision):
     assert not list(out.parent.glob(".*partial*"))
     manifest = load_manifest(out)
     assert manifest.precision == precision and manifest.opset == 18
-    assert manifest.pipeline["kind"] == ("sdxl" if "xl" in preset else "sd")
-    assert manifest.pipeline["latent_multiple"] == 4 and manifest.pipeline["vae_scale_factor"] == 8
+    assert manifest.pipeline.kind == ("sdxl" if "xl" in preset else "sd")
+    assert manifest.pipeline.latent_multiple == 4 and manifest.pipeline.vae_scale_factor == 8
     assert all(result["passed"] for result in manifest.parity.values())
     # Checksums, recomputed independently; every file but the manifest is listed.
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"linfusion.json"}
@@ -46,7 +46,7 @@ def test_export_directory_layout_and_manifest(exported, preset, precision):
     assert unet.input("timestep").dtype == "float32"
     assert unet.outputs[0].name == "out_sample"
     if preset == "tiny-sdxl":
-        assert manifest.pipeline["force_zeros_for_empty_prompt"] is True
+        assert manifest.pipeline.force_zeros_for_empty_prompt is True
         assert [t.name for t in unet.inputs][3:] == ["text_embeds", "time_ids"]
         assert [t.name for t in manifest.components["text_encoder_2"].outputs] == \
             ["last_hidden_state", "penultimate_hidden_state", "text_embeds"]

@@ -58,9 +58,9 @@ def test_select_refuses_tensorrt_clearly_without_it(tmp_path, monkeypatch):
 def test_check_shapes_uses_the_engine_profiles():
     from linfusion.runtime.backends.base import ShapeError
     from linfusion.runtime.backends.tensorrt import TensorRTRunner
-    from linfusion.runtime.manifest import ComponentSpec, TensorSpec
+    from linfusion.runtime.contract import ComponentSpec, TensorSpec
 
-    spec = ComponentSpec(path="unet/model.onnx", precision="fp16",
+    spec = ComponentSpec(kind="unet", path="unet/model.onnx", precision="fp16",
                          inputs=[TensorSpec("sample", "float16", ["batch", 4, "height", "width"])],
                          outputs=[TensorSpec("out_sample", "float16", ["batch", 4, "height", "width"])])
     engine = EngineSpec("unet.plan", "0", "unet/model.onnx", "1", "fp16",

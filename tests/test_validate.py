@@ -8,8 +8,7 @@ import pytest
 from torchless import run_without_torch
 
 from linfusion.export.validation.cli import main
-from linfusion.export.validation.compare import compare_outputs
-from linfusion.export.validation.tolerances import IMAGE_TOLERANCES, TOLERANCES
+from linfusion.export.comparison import IMAGE_TOLERANCES, TOLERANCES, compare_outputs
 
 SIZES = "64x64,96x32"
 

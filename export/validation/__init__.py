@@ -4,8 +4,15 @@ Import-light and torch-free: PyTorch is loaded only when the reference is comput
 a run compares against a saved reference file.
 """
 
-from .compare import OutputMetrics, compare_outputs
-from .tolerances import IMAGE_TOLERANCES, TOLERANCES, ImageTolerance, Tolerance, tolerance_for
+from ..comparison import (
+    IMAGE_TOLERANCES,
+    TOLERANCES,
+    ImageTolerance,
+    OutputMetrics,
+    Tolerance,
+    compare_outputs,
+    tolerance_for,
+)
 from .validate import Options, ValidationInputError, validate
 
 __all__ = ["IMAGE_TOLERANCES", "TOLERANCES", "ImageTolerance", "Options", "OutputMetrics", "Tolerance",

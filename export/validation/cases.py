@@ -12,10 +12,9 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from linfusion.runtime.contract import Role, component_kind
 from linfusion.runtime.manifest import Manifest
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-SPATIAL = ("unet", "vae_decoder", "vae_encoder")
 STAGES = ("early", "middle", "late")
 
 
@@ -52,7 +51,7 @@ class Case:
         if self.size is None:
             return (1, 1)
         width, height = self.size
-        if self.component == "vae_encoder":
+        if component_kind(self.component).spatial == "image":
             return (height, width)
         return (height // vae_factor, width // vae_factor)
 
@@ -91,12 +90,12 @@ def check_sizes(sizes: list[tuple[int, int]], manifest: Manifest) -> None:
         if width % multiple or height % multiple:
             raise CaseError(f"size {width}x{height} is not a multiple of {multiple} pixels "
                             f"(latent multiple {manifest.latent_multiple} x VAE factor "
-                            f"{manifest.pipeline['vae_scale_factor']}) in both sides")
+                            f"{manifest.pipeline.vae_scale_factor}) in both sides")
 
 
 def default_sizes(manifest: Manifest) -> list[tuple[int, int]]:
     """The model's native square size and a non-square one, so a frozen shape shows up."""
-    side, multiple = int(manifest.pipeline["default_size"]), manifest.pixel_multiple
+    side, multiple = manifest.pipeline.default_size, manifest.pixel_multiple
     side = max(side - side % multiple, multiple)
     other = (side + multiple, max((side // 2) - (side // 2) % multiple, multiple))
     return [(side, side), other]
@@ -123,11 +122,12 @@ def plan(manifest: Manifest, components: list[str], sizes: list[tuple[int, int]]
         raise CaseError(f"batch must be at least 1, got {batch}")
     cases: list[Case] = []
     for name in (n for n in manifest.components if n in components):
-        if name not in SPATIAL:
+        kind = component_kind(manifest.components[name].kind)
+        if kind.spatial is None:
             cases.append(Case(name, batch, None))
             continue
         for size in sizes:
-            if name == "unet":
+            if kind.role is Role.DENOISER:
                 cases += [Case(name, batch, size, t, stage) for stage, t in unet_timesteps(num_train_timesteps)]
             else:
                 cases.append(Case(name, batch, size))

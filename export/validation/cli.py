@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .backends import BackendError, parse_backends
+from .targets import UnknownTargetError, parse_backends
 from .cases import CaseError, parse_sizes
 from .validate import CHECKSUM_MODES, Options, ValidationInputError, validate
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         report = validate(options_from(args), progress)
-    except (ValidationInputError, CaseError, BackendError) as exc:
+    except (ValidationInputError, CaseError, UnknownTargetError) as exc:
         print(f"linfusion-validate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

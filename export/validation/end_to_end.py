@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .tolerances import ImageTolerance
+from ..comparison import ImageTolerance
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry, low quality"

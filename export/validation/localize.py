@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from linfusion.runtime.manifest import LINEAR_ATTENTION_OP
+from linfusion.runtime.contract import ops
 
-from .backends import Feed, run_runner
-from .compare import compare_outputs
-from .tolerances import Tolerance
+from ..comparison import Feed, Tolerance, compare_outputs, run_runner
 
 
 @dataclass
@@ -60,12 +58,12 @@ def onnx_attention_outputs(onnx_path: Path, feed: Feed, providers: list[str]) ->
     from polygraphy.logger import G_LOGGER
 
     model = onnx.load(str(onnx_path))
-    tensors = {node.output[0]: node.name for node in model.graph.node if node.op_type == LINEAR_ATTENTION_OP}
+    tensors = {node.output[0]: node.name for node in model.graph.node if node.domain == ops.DOMAIN and node.op_type == ops.LINEAR_ATTENTION}
     if not tensors:
         return {}
     with tempfile.TemporaryDirectory(prefix="linfusion-validate-") as tmp, G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         marked = Path(tmp) / "model.onnx"
-        SaveOnnx(ModifyOutputs(model, mark_types=[LINEAR_ATTENTION_OP]), str(marked))()
+        SaveOnnx(ModifyOutputs(model, mark_types=[ops.LINEAR_ATTENTION]), str(marked))()
         del model
         runner = OnnxrtRunner(SessionFromOnnx(str(marked), providers=providers), name="onnxruntime-layers")
         outputs = run_runner(runner, [feed])[0]

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import BackendStatus
-from .compare import OutputMetrics
+from .targets import BackendStatus
+from ..comparison import OutputMetrics
 from .end_to_end import EndToEndResult
 from .localize import Localisation
 

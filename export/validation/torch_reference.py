@@ -18,9 +18,10 @@ import torch
 
 from linfusion.attention import GeneralizedLinearAttention
 from linfusion.loader import load_pipeline
+from linfusion.runtime.contract import UNetIO, component_kind
 from linfusion.runtime.manifest import Manifest
 
-from ..components import Component, text_encoder_component, unet_component, vae_components
+from ..components import Component, build_component
 from .cases import Case, CaseError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,20 +64,16 @@ class TorchReference:
         self.components: dict[str, Component] = {}
         for name in components:
             spec = manifest.components[name]
-            self.components[name] = self._component(name, DTYPES[spec.precision], loaded.is_xl,
+            self.components[name] = self._component(spec.kind, DTYPES[spec.precision], loaded.is_xl,
                                                     manifest.latent_multiple)
 
     def _component(self, name: str, dtype: torch.dtype, xl: bool, latent_multiple: int) -> Component:
-        pipe = self.pipeline
-        module = pipe.vae if name.startswith("vae") else getattr(pipe, name, None)
+        kind = component_kind(name)
+        module = getattr(self.pipeline, kind.source_module, None)
         if module is None:
             raise CaseError(f"the reference model '{self.source.model}' has no {name}")
         module.to(dtype=dtype)
-        if name.startswith("text_encoder"):
-            return text_encoder_component(name, module, dtype)
-        if name == "unet":
-            return unet_component(pipe, xl, latent_multiple, dtype)
-        return next(c for c in vae_components(module, latent_multiple, dtype) if c.name == name)
+        return build_component(kind, self.pipeline, xl, latent_multiple, dtype)
 
     def inputs(self, case: Case, seed: int, vae_factor: int) -> dict[str, np.ndarray]:
         component = self.components[case.component]
@@ -84,7 +81,7 @@ class TorchReference:
         tensors = list(component.make_inputs(case.batch, *case.component_size(vae_factor), generator))
         names = [spec.name for spec in component.inputs]
         if case.timestep is not None:
-            tensors[names.index("timestep")] = torch.full((case.batch,), float(case.timestep))
+            tensors[names.index(UNetIO.timestep)] = torch.full((case.batch,), float(case.timestep))
         return {name: _to_numpy(t) for name, t in zip(names, tensors)}
 
     def outputs(self, case: Case, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

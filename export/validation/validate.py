@@ -12,17 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from linfusion.runtime.manifest import Manifest, ManifestError, load_manifest, sha256_file
+from linfusion.runtime.manifest import Manifest, ManifestError, check_files, load_manifest
 
 from . import reference_file
-from .backends import BACKENDS, OnnxRuntimeBackend, TensorRTBackend, backend_status
+from .targets import BACKENDS, OnnxRuntimeTarget, TensorRTTarget, backend_status
 from .cases import CaseError, check_components, check_sizes, default_sizes, plan
-from .compare import compare_outputs
 from .end_to_end import EndToEndResult, EndToEndSettings, compare_images, diffusers_image, runtime_image
 from .localize import localise
 from .reference_file import CaseData, ReferenceData, ReferenceFileError
 from .report import CheckResult, ValidationReport
-from .tolerances import IMAGE_TOLERANCES, TOLERANCES, tolerance_for
+from ..comparison import IMAGE_TOLERANCES, TOLERANCES, compare_outputs, tolerance_for
 
 CHECKSUM_MODES = ("verify", "report", "skip")
 LAYER_BYTES_LIMIT = 512 << 20
@@ -102,8 +101,8 @@ def validate(options: Options, progress: Callable[[str], None] = print) -> Valid
         if not status.available:
             progress(f"{name}: skipped ({status.reason})")
             continue
-        backend = (OnnxRuntimeBackend(export_dir, manifest, options.providers) if name == "onnxruntime"
-                   else TensorRTBackend(export_dir, manifest))
+        backend = (OnnxRuntimeTarget(export_dir, manifest, options.providers) if name == "onnxruntime"
+                   else TensorRTTarget(export_dir, manifest))
         for component in settings["components"]:
             _check_component(report, backend, manifest, component, reference, export_dir, options, progress)
         if options.end_to_end:
@@ -222,7 +221,7 @@ def _torch_reference(options: Options, manifest: Manifest, export_dir: Path, com
         cases = plan(manifest, components, sizes, options.batch or 2, _train_timesteps(export_dir))
     except (ModelSourceError, CheckpointMismatchError, CaseError) as exc:
         raise ValidationInputError(str(exc)) from exc
-    factor = int(manifest.pipeline["vae_scale_factor"])
+    factor = manifest.pipeline.vae_scale_factor
     data: list[CaseData] = []
     layer_bytes = 0
     for case in cases:
@@ -238,7 +237,7 @@ def _torch_reference(options: Options, manifest: Manifest, export_dir: Path, com
     if options.end_to_end:
         width, height = sizes[0]
         settings = EndToEndSettings(width, height, seed=options.seed)
-        latents = settings.latents(int(manifest.pipeline["latent_channels"]), factor)
+        latents = settings.latents(manifest.pipeline.latent_channels, factor)
         progress(f"reference end-to-end image {width}x{height} with diffusers ...")
         end_to_end = {"settings": settings.to_dict(), "latents": latents,
                       "image": diffusers_image(torch_ref.pipeline, settings, latents, _scheduler_config(export_dir))}
@@ -262,11 +261,7 @@ def _checksums(export_dir: Path, manifest: Manifest, mode: str) -> dict[str, Any
         raise ValidationInputError(f"--checksums must be one of {', '.join(CHECKSUM_MODES)}, got {mode!r}")
     if mode == "skip":
         return {"mode": mode}
-    mismatched = []
-    for name, record in manifest.files.items():
-        path = export_dir / name
-        if not path.is_file() or path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
-            mismatched.append(name)
+    mismatched = list(check_files(export_dir, manifest))
     if mismatched and mode == "verify":
         raise ValidationInputError(f"checksum mismatch for {', '.join(mismatched)}: the export was changed after "
                                    f"it was written; pass --checksums report to validate it anyway")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import ComponentSpec
+from ..contract import ComponentSpec
 
 
 class ShapeError(ValueError):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import ComponentSpec
+from ..contract import ComponentSpec
+from ..manifest import ManifestError
 from .base import Backend, ModelRunner
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
@@ -57,5 +58,11 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.intra_op_threads
-        session = ort.InferenceSession(str(Path(export_dir) / spec.path), options, providers=self.providers)
+        path = Path(export_dir) / spec.path
+        try:
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ManifestError(f"ONNX Runtime cannot load {component} ({path}): {first}; the file may be damaged: "
+                                f"check it without --no-verify / verify=False, or re-export") from None
         return OnnxRuntimeRunner(component, spec, session)

@@ -19,15 +19,15 @@ def load_backend(name: str, export_dir: Path, providers: list[str] | None = None
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
     if name in ("auto", "tensorrt"):
-        try:
-            from .tensorrt import TensorRTBackend
-        except ImportError as exc:
-            if name == "tensorrt":
-                raise BackendError(f"the TensorRT backend is unavailable: {exc}") from exc
-        else:
-            if TensorRTBackend.is_available(export_dir):
-                return TensorRTBackend()
-            if name == "tensorrt":
-                raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
-                                   f"`linfusion-build {export_dir}` on a machine with TensorRT")
+        from .tensorrt import TensorRTBackend
+
+        if TensorRTBackend.is_available(export_dir):
+            return TensorRTBackend()
+        if name == "tensorrt":
+            try:
+                TensorRTBackend.load_libraries()
+            except ImportError as exc:
+                raise BackendError(f"the TensorRT backend is unavailable: {exc}") from None
+            raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
+                               f"`linfusion-build {export_dir}` on a machine with TensorRT")
     return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads)

@@ -24,6 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cuda import (
+    CudaError,
+    DeviceBuffer,
+    TensorRTUnavailable,
+    check_cuda,
+    cudart,
+    current_gpu,
+    import_tensorrt,
+    tensorrt_logger,
+)
 from ..engine_manifest import (
     EngineManifest,
     EngineManifestError,
@@ -31,66 +41,12 @@ from ..engine_manifest import (
     engines_dir,
     load_engine_manifest,
 )
-from ..manifest import ComponentSpec, sha256_file
+from ..contract import ComponentSpec
+from ..manifest import sha256_file
 from .base import Backend, ModelRunner, ShapeError
 
 logger = logging.getLogger(__name__)
 BUFFER_SETS_PER_RUNNER = 4
-
-
-class CudaError(RuntimeError):
-    pass
-
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6
-    return cudart
-
-
-def _check(result):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise CudaError(f"CUDA error {err}")
-    return rest[0] if len(rest) == 1 else (rest or None)
-
-
-def driver_cuda_version() -> tuple[int, int]:
-    """The newest CUDA version the installed driver supports, e.g. (12, 4)."""
-    version = int(_check(_cudart().cudaDriverGetVersion()))
-    return version // 1000, version % 1000 // 10
-
-
-def current_gpu() -> tuple[str, str]:
-    """(name, "major.minor") of CUDA device 0."""
-    cudart = _cudart()
-    props = _check(cudart.cudaGetDeviceProperties(0))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
-
-
-class DeviceBuffer:
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(_check(_cudart().cudaMalloc(self.nbytes)))
-
-    def free(self) -> None:
-        if self.ptr:
-            _check(_cudart().cudaFree(self.ptr))
-            self.ptr = 0
-
-
-_LOGGERS: dict[int, object] = {}
-
-
-def tensorrt_logger(trt):
-    """The process's one TensorRT logger: TensorRT keeps the first logger a builder or runtime
-    was given and warns about any other (the engine builder uses this one too)."""
-    if id(trt) not in _LOGGERS:
-        _LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
-    return _LOGGERS[id(trt)]
 
 
 class SharedContextMemory:
@@ -185,8 +141,8 @@ class TensorRTRunner(ModelRunner):
         shapes = {n: a.shape for n, a in feed.items()}
         self.check_shapes(shapes)
         profile = self.engine_spec.profile_index(shapes)
-        cudart, stream = _cudart(), self.backend.stream
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        rt, stream = cudart(), self.backend.stream
+        h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self.backend.lock:
             if self.context is None:
                 raise CudaError(f"{self.name}: the TensorRT runner was closed")
@@ -203,15 +159,15 @@ class TensorRTRunner(ModelRunner):
                 if not self.context.set_tensor_address(n, buffers[n].ptr):
                     raise CudaError(f"{self.name}: TensorRT rejected the device address of '{n}'")
             for n, a in feed.items():
-                _check(cudart.cudaMemcpyAsync(buffers[n].ptr, a.ctypes.data, a.nbytes, h2d, stream))
+                check_cuda(rt.cudaMemcpyAsync(buffers[n].ptr, a.ctypes.data, a.nbytes, h2d, stream))
             if not self.context.execute_async_v3(stream):
                 raise CudaError(f"{self.name}: TensorRT execution failed")
             results = {}
             for n in names:
                 host = np.empty(out_shapes[n], dtype=self.dtypes[n])
-                _check(cudart.cudaMemcpyAsync(host.ctypes.data, buffers[n].ptr, host.nbytes, d2h, stream))
+                check_cuda(rt.cudaMemcpyAsync(host.ctypes.data, buffers[n].ptr, host.nbytes, d2h, stream))
                 results[n] = host
-            _check(cudart.cudaStreamSynchronize(stream))
+            check_cuda(rt.cudaStreamSynchronize(stream))
         return results
 
     def close(self) -> None:
@@ -230,31 +186,30 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self) -> None:
-        self.trt = self.import_tensorrt()
+        self.trt = self.load_libraries()
         self.trt_logger = tensorrt_logger(self.trt)
         self.runtime = self.trt.Runtime(self.trt_logger)
         self.lock = threading.RLock()
         self.memory = SharedContextMemory()
-        self.stream = int(_check(_cudart().cudaStreamCreate()))
+        self.stream = int(check_cuda(cudart().cudaStreamCreate()))
         self.manifests: dict[Path, EngineManifest] = {}
         self.fallback = None
 
     @staticmethod
-    def import_tensorrt():
+    def load_libraries():
+        trt = import_tensorrt("Runtime")
         try:
-            import tensorrt as trt
+            cudart()  # cuda-python must be importable too
         except ImportError as exc:
-            raise ImportError(f"TensorRT is not installed ({exc})") from None
-        if not hasattr(trt, "Runtime"):
-            raise ImportError("the installed tensorrt package is a stub without its libraries")
-        _cudart()  # cuda-python must be importable too
+            raise TensorRTUnavailable(f"cuda-python is not installed ({exc}): pip install 'linfusion-deploy[gpu]'") \
+                from None
         return trt
 
     @classmethod
     def is_available(cls, export_dir: Path) -> bool:
         try:
             manifest = load_engine_manifest(engines_dir(export_dir))
-            trt = cls.import_tensorrt()
+            trt = cls.load_libraries()
             manifest.check_compatible(trt.__version__, *current_gpu())
         except Exception:  # noqa: BLE001 - any failure means "use another backend"
             return False
@@ -300,5 +255,5 @@ class TensorRTBackend(Backend):
         with self.lock:
             self.memory.free()
             if self.stream:
-                _check(_cudart().cudaStreamDestroy(self.stream))
+                check_cuda(cudart().cudaStreamDestroy(self.stream))
                 self.stream = 0

@@ -1,4 +1,4 @@
-"""The backends under test, driven through polygraphy's runners and Comparator.
+"""The backends under test ("targets", not to be confused with the runtime's backends), driven through polygraphy's runners and Comparator.
 
 ONNX Runtime always runs; TensorRT runs when ``tensorrt`` imports and ``linfusion-build`` left
 engines in the export directory, and is otherwise reported as skipped with the reason. Neither
@@ -18,14 +18,15 @@ import numpy as np
 from linfusion.runtime.engine_manifest import EngineManifestError, engines_dir, load_engine_manifest
 from linfusion.runtime.manifest import Manifest
 
+from ..comparison import Feed, run_runner
+
 BACKENDS = ("onnxruntime", "tensorrt")
 
-Feed = dict[str, np.ndarray]
 Outcome = dict[str, np.ndarray] | str
 """A run's outputs by name, or the reason this feed was skipped."""
 
 
-class BackendError(ValueError):
+class UnknownTargetError(ValueError):
     """An unknown backend name."""
 
 
@@ -40,21 +41,11 @@ def parse_backends(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
-        raise BackendError(f"unknown backend(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(BACKENDS)}")
+        raise UnknownTargetError(f"unknown backend(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(BACKENDS)}")
     return names
 
 
-def run_runner(runner, feeds: Sequence[Feed]) -> list[dict[str, np.ndarray]]:
-    """One polygraphy runner over the feeds, through Comparator.run (activation, dtype coercion)."""
-    from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
-
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        results = Comparator.run([runner], data_loader=list(feeds))
-    return [{name: np.asarray(array) for name, array in iteration.items()} for iteration in results[runner.name]]
-
-
-class OnnxRuntimeBackend:
+class OnnxRuntimeTarget:
     name = "onnxruntime"
 
     def __init__(self, export_dir: Path, manifest: Manifest, providers: list[str] | None = None) -> None:
@@ -79,7 +70,7 @@ class OnnxRuntimeBackend:
         return run_runner(self.runner(self.export_dir / self.manifest.components[component].path), feeds)
 
 
-class TensorRTBackend:
+class TensorRTTarget:
     name = "tensorrt"
 
     def __init__(self, export_dir: Path, manifest: Manifest) -> None:
@@ -135,4 +126,4 @@ class TensorRTBackend:
 
 
 def backend_status(name: str, export_dir: Path) -> BackendStatus:
-    return (OnnxRuntimeBackend if name == "onnxruntime" else TensorRTBackend).status(export_dir)
+    return (OnnxRuntimeTarget if name == "onnxruntime" else TensorRTTarget).status(export_dir)

@@ -38,8 +38,8 @@ class OutputMetrics:
 def compare_outputs(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
                     tolerance: Tolerance, names: list[str] | None = None) -> list[OutputMetrics]:
     """Compare ``got`` with ``reference`` output by output (``names`` default: the reference's)."""
-    from polygraphy.comparator import CompareFunc, IterationResult
-    from polygraphy.comparator.compare import CosineSimilarityCompareFunc
+    from polygraphy.comparator import IterationResult
+    from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     names = list(names or reference)
@@ -53,7 +53,7 @@ def compare_outputs(reference: Mapping[str, np.ndarray], got: Mapping[str, np.nd
     got_iter = IterationResult(outputs=out, runner_name="backend")
     ref_iter = IterationResult(outputs=ref, runner_name="reference")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        simple = CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="elemwise")(got_iter, ref_iter)
+        simple = SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="elemwise")(got_iter, ref_iter)
         cosine = CosineSimilarityCompareFunc(cosine_similarity_threshold=tolerance.cosine)(got_iter, ref_iter)
     results = []
     for n in names:
