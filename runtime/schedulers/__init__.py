@@ -16,6 +16,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
 
@@ -26,6 +27,7 @@ SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": False}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": True}),
     "lcm": (LCMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
 }
 
 _BY_CLASS_NAME = {
@@ -34,6 +36,7 @@ _BY_CLASS_NAME = {
     "DDIMScheduler": "ddim",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "LCMScheduler": "lcm",
+    "PNDMScheduler": "pndm",
 }
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LCMScheduler",
+    "PNDMScheduler",
     "Scheduler",
     "default_scheduler_name",
     "make_scheduler",
@@ -60,9 +64,11 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
 def default_scheduler_name(config: dict[str, Any]) -> str:
     """The registry name matching the config's ``_class_name``.
 
-    DPMSolverMultistepScheduler maps to ``dpmpp_2m_karras`` when its config enables Karras sigmas.
-    PNDMScheduler (the default of SD 1.x/2.x checkpoints, which this runtime does not implement),
-    a missing ``_class_name`` and any other class map to ``euler``.
+    PNDMScheduler (the default of SD 1.x/2.x checkpoints) maps to ``pndm``, which honours the
+    config's ``skip_prk_steps``; DPMSolverMultistepScheduler maps to ``dpmpp_2m_karras`` when its
+    config enables Karras sigmas. A missing ``_class_name``, and any class this runtime does not
+    implement (UniPC, Heun, DDPM, ...), falls back to ``euler``: a different sampler from the one the
+    model ships with, so its images will not match diffusers' default for that model.
     """
     name = _BY_CLASS_NAME.get(config.get("_class_name", ""), "euler")
     if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
