@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import vae
-from .backends.base import ModelRunner, ShapeError
+from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
 from .guidance import combine_guidance
@@ -63,9 +63,12 @@ class Pipeline:
 
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
-                    verify: bool = True, intra_op_threads: int = 0) -> Pipeline:
+                    verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
+                    io_binding: bool = True) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
-        importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt."""
+        importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
+        ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
+        {"device_id": 1}}``), ``io_binding`` for the denoising loop (see backends/onnxruntime.py)."""
         import json
 
         directory = Path(directory)
@@ -75,7 +78,8 @@ class Pipeline:
         if missing:
             raise ManifestError(f"{directory} lacks {', '.join(missing)}; re-export without --components "
                                 f"to generate images")
-        chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads)
+        chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads,
+                              provider_options=provider_options, io_binding=io_binding)
         specs = manifest.components
         runners = {name: chosen.load(directory, name, spec) for name, spec in specs.items()
                    if not component_kind(spec.kind).deferred}
@@ -126,7 +130,7 @@ class Pipeline:
         t0 = time.perf_counter()
         embeddings = self.text.encode_pair(plan.prompts, plan.negative, self.facts.force_zeros_for_empty_prompt)
         negative, positive = (self._repeat(e, plan.images_per_prompt) for e in embeddings)
-        conditioning = self._guidance_inputs(negative, positive, plan)
+        conditioning = [self.runners[UNET.name].bind(c) for c in self._guidance_inputs(negative, positive, plan)]
         timings["encode"] = time.perf_counter() - t0
 
         sched = make_scheduler(plan.scheduler, self.scheduler_config)
@@ -169,9 +173,9 @@ class Pipeline:
         numbers = check_numbers(request, self.facts.default_guidance_scale)
         name = request.scheduler or default_scheduler_name(self.scheduler_config)
         try:
-            make_scheduler(name, self.scheduler_config)
+            make_scheduler(name, self.scheduler_config).set_timesteps(numbers["steps"])
         except ValueError as exc:
-            raise GenerationError(str(exc)) from exc
+            raise GenerationError(f"scheduler {name}: {exc}" if name not in str(exc) else str(exc)) from exc
         height, width, strength, init = numbers["height"], numbers["width"], numbers["strength"], None
         if request.image is not None:
             if VAE_ENCODER.name not in self.manifest.components:
@@ -253,15 +257,20 @@ class Pipeline:
                               None if positive.pooled is None else np.concatenate([negative.pooled, positive.pooled]))
         return [self._conditioning(both, request)]
 
-    def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray]],
+    def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray] | BoundRunner],
                        request: Plan) -> np.ndarray:
+        """One step's noise prediction; ``conditioning`` as ``_guidance_inputs`` makes it, or bound to
+        the UNet (``_bind``) so that a device backend keeps it on the device across steps."""
         unet = self.runners[UNET.name]
         outputs = []
         for cond in conditioning:
-            batch = cond[UNetIO.encoder_hidden_states].shape[0]
+            bound = cond if isinstance(cond, BoundRunner) else unet.bind(cond)
+            batch = bound.batch(UNetIO.encoder_hidden_states)
             sample = model_input if batch == model_input.shape[0] else np.concatenate([model_input] * 2)
-            inputs = {UNetIO.sample: sample, UNetIO.timestep: np.full(batch, t, dtype=np.float32), **cond}
-            outputs.append(unet.run(inputs, [UNetIO.out_sample])[UNetIO.out_sample].astype(np.float32))
+            inputs = {UNetIO.sample: sample, UNetIO.timestep: np.full(batch, t, dtype=np.float32)}
+            out_shape = (batch, unet.spec.outputs[0].shape[1], *sample.shape[2:])
+            out = bound.run(inputs, [UNetIO.out_sample], output_shapes={UNetIO.out_sample: out_shape})
+            outputs.append(out[UNetIO.out_sample].astype(np.float32))
         if not request.cfg:
             return outputs[0]
         uncond, cond = outputs if len(outputs) == 2 else np.split(outputs[0], 2)

@@ -53,8 +53,30 @@ class ModelRunner(ABC):
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run once; thread-safe. Returns the requested (default: all) outputs by name."""
 
+    def bind(self, constants: dict[str, np.ndarray]) -> BoundRunner:
+        """A runner for a loop whose ``constants`` stay the same every call (the text conditioning
+        of a denoising loop): a backend that can keeps them on its device. One per loop (thread)."""
+        return BoundRunner(self, constants)
+
     def close(self) -> None:
         """Release device resources; the runner is unusable afterwards."""
+
+
+class BoundRunner:
+    """``ModelRunner.bind``'s result: ``run`` takes only the inputs that change per call."""
+
+    def __init__(self, runner: ModelRunner, constants: dict[str, np.ndarray]) -> None:
+        self.runner = runner
+        self.constants = constants
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+            output_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+        """``output_shapes`` (optional) lets a device backend reuse an output buffer across calls."""
+        return self.runner.run({**self.constants, **inputs}, outputs)
+
+    def batch(self, name: str) -> int:
+        """The batch size of a bound constant (its first dimension)."""
+        return int(self.constants[name].shape[0])
 
 
 class Backend(ABC):

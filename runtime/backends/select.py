@@ -15,7 +15,7 @@ class BackendError(RuntimeError):
 
 
 def load_backend(name: str, export_dir: Path, providers: list[str] | None = None,
-                 intra_op_threads: int = 0) -> Backend:
+                 intra_op_threads: int = 0, provider_options: dict | None = None, io_binding: bool = True) -> Backend:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
     if name in ("auto", "tensorrt"):
@@ -30,4 +30,5 @@ def load_backend(name: str, export_dir: Path, providers: list[str] | None = None
                 raise BackendError(f"the TensorRT backend is unavailable: {exc}") from None
             raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
                                f"`linfusion-build {export_dir}` on a machine with TensorRT")
-    return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads)
+    return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads,
+                              provider_options=provider_options, io_binding=io_binding)

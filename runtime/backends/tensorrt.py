@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import ComponentSpec
 from ..cuda import (
     CudaError,
     DeviceBuffer,
@@ -41,7 +42,6 @@ from ..engine_manifest import (
     engines_dir,
     load_engine_manifest,
 )
-from ..contract import ComponentSpec
 from ..manifest import sha256_file
 from .base import Backend, ModelRunner, ShapeError
 
