@@ -43,6 +43,9 @@ class ModelSourceError(RuntimeError):
         self.remedy = remedy
         self.cli_hint = cli_hint
 
+    def __reduce__(self):
+        return type(self), (self.problem, self.remedy, self.cli_hint)
+
 
 class HubUnavailableError(ModelSourceError):
     """Files are not in the local hub cache and the hub cannot be asked (offline or unreachable)."""
@@ -54,6 +57,9 @@ class HubUnavailableError(ModelSourceError):
                    "run once with network access to fill the cache"]
         super().__init__(f"'{source}' is not in the local hub cache ({hub_cache_dir()}) and {reason}",
                          ", ".join(options[:-1]) + ", or " + options[-1], cli_hint or DEFAULT_CLI_HINT)
+
+    def __reduce__(self):
+        return type(self), (self.source, self.reason, self.remedies, self.cli_hint)
 
     def with_remedies(self, remedies: tuple[str, ...], cli_hint: str | None) -> HubUnavailableError:
         """The same error with remedies that fit the caller (e.g. ``random_weights=True`` for a preset)."""

@@ -61,7 +61,7 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
     try:
         return _load(model, linfusion, random_weights, dtype, seed, revision, local_files_only, vae)
     except HubUnavailableError as exc:
-        if random_weights:
+        if random_weights or exc.source == vae:  # the preset remedies would not help
             raise
         raise exc.with_remedies(*_offline_remedies(PRESETS.get(model))) from exc.__cause__
 
