@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attention import GeneralizedLinearAttention
-from .hub import ModelSourceError, resolve_files
+from .hub import HubUnavailableError, ModelSourceError, resolve_files
 from .mount import check_fits, default_modules_list, replace_submodule, self_attention_modules
 
 CONFIG_NAME = "config.json"
@@ -87,7 +87,11 @@ class LinFusion(nn.Module):
         """Load an official-format checkpoint from a local folder or a hub id (safetensors only)."""
         from safetensors.torch import load_file
 
-        files = resolve_files(str(source), [CONFIG_NAME, WEIGHTS_NAME], revision, local_files_only)
+        try:
+            files = resolve_files(str(source), [CONFIG_NAME, WEIGHTS_NAME], revision, local_files_only)
+        except HubUnavailableError as exc:
+            raise exc.with_remedies((f"pass a local folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}",
+                                     "use LinFusion.from_unet(unet) for a fresh one"), None) from exc.__cause__
         try:
             config = json.loads(files.paths[CONFIG_NAME].read_text())
             modules_list = config["modules_list"]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import OFFICIAL_CHECKPOINTS, LinFusion
-from .hub import OFFLINE_HINT, ModelSourceError, looks_like_path, resolve_files
+from .hub import (OFFLINE_HINT, HubUnavailableError, ModelSourceError, first_line, looks_like_path,
+                  resolve_files)
 from .presets import PRESETS, Preset, build_random_pipeline
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,18 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
     ``linfusion`` overrides the checkpoint (hub id or folder); without it a preset or an
     official base model gets its official checkpoint, and random-weight builds get a seeded
     from-scratch LinFusion. ``vae`` replaces the pipeline's VAE (e.g. a fixed fp16 SD-XL VAE).
+    Without a reachable hub, hub ids come from the local cache, and a miss fails within seconds.
     """
+    try:
+        return _load(model, linfusion, random_weights, dtype, seed, revision, local_files_only, vae)
+    except HubUnavailableError as exc:
+        if random_weights or exc.source == vae:  # the preset remedies would not help
+            raise
+        raise exc.with_remedies(*_offline_remedies(PRESETS.get(model))) from exc.__cause__
+
+
+def _load(model: str, linfusion: str | None, random_weights: bool, dtype: Any, seed: int,
+          revision: str | None, local_files_only: bool, vae: str | None) -> LoadedPipeline:
     import torch
 
     dtype = dtype or torch.float32
@@ -68,7 +80,7 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
         loaded.preset = preset
         linfusion = linfusion or preset.linfusion_checkpoint
     elif random_weights:
-        raise ModelSourceError(f"--random-weights needs a preset ({', '.join(PRESETS)}); "
+        raise ModelSourceError(f"a random-weight build needs a preset ({', '.join(PRESETS)}); "
                                f"'{model}' is not one")
     elif Path(model).expanduser().is_dir() or looks_like_path(model) or "/" in model:
         loaded = _from_pretrained(model, revision, local_files_only, model, dtype)
@@ -93,6 +105,15 @@ def load_pipeline(model: str, linfusion: str | None = None, random_weights: bool
     return loaded
 
 
+def _offline_remedies(preset: Preset | None) -> tuple[tuple[str, ...], str]:
+    """What to do when the hub is out of reach: API wording, and the CLI wording for ``cli_hint``."""
+    if preset is not None:
+        build = f"use random_weights=True to build the '{preset.name}' architecture with seeded random weights"
+        return (build, "pass a local folder that holds the files"), OFFLINE_HINT
+    return (("pass a local folder that holds the files", "use a preset with random_weights=True"),
+            "pass a local folder that holds the files, or a preset with --random-weights")
+
+
 def official_checkpoint_for(model: str) -> str:
     """The official LinFusion checkpoint for a base model id, or a local folder named like one."""
     if model in OFFICIAL_CHECKPOINTS:
@@ -104,27 +125,29 @@ def official_checkpoint_for(model: str) -> str:
                 logger.info("folder '%s' matches base model %s; using %s", folder_name, base, checkpoint)
                 return checkpoint
     known = ", ".join(sorted({b.split("/")[-1] for b in OFFICIAL_CHECKPOINTS}))
-    raise ModelSourceError(f"no LinFusion checkpoint is known for '{model}'; pass --linfusion PATH|HUB_ID "
-                           f"(known base models: {known})")
+    raise ModelSourceError(f"no LinFusion checkpoint is known for '{model}' (known base models: {known})",
+                           "pass linfusion= a LinFusion folder or hub id", "pass --linfusion PATH|HUB_ID")
 
 
 def _from_pretrained(source: str, revision: str | None, local_files_only: bool, model: str,
                      dtype: Any) -> LoadedPipeline:
     """A diffusers pipeline from the hub or a folder, safetensors only (never pickle files)."""
-    from diffusers import DiffusionPipeline
-
     index_file = resolve_files(source, ["model_index.json"], revision, local_files_only)
+    from diffusers import DiffusionPipeline  # after the lookup: a missing model fails before this slow import
+
     index = json.loads(index_file.paths["model_index.json"].read_text())
     extra: dict[str, Any] = {}
     if "safety_checker" in index:
         extra.update(safety_checker=None, requires_safety_checker=False)
     try:
+        # Once the hub proved unreachable, diffusers must not ask it again (and retry for ~25 s).
         pipe = DiffusionPipeline.from_pretrained(
-            source, revision=revision, torch_dtype=dtype, use_safetensors=True,
-            local_files_only=local_files_only, **extra)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelSourceError(f"cannot load the pipeline '{source}': {str(exc).splitlines()[0]}; "
-                               f"{OFFLINE_HINT}") from exc
+            source, revision=revision, use_safetensors=True, **dtype_kwarg(dtype),
+            local_files_only=local_files_only or index_file.offline, **extra)
+    except (OSError, ValueError) as exc:
+        remedies, cli_hint = _offline_remedies(PRESETS.get(model))
+        raise ModelSourceError(f"cannot load the pipeline '{source}': {first_line(exc)}",
+                               ", or ".join(remedies), cli_hint) from exc
     return LoadedPipeline(pipe, None, model, index_file.source, index_file.revision, None, None, False)
 
 
@@ -135,7 +158,17 @@ def load_vae(source: str, dtype: Any, local_files_only: bool = False):
     files = resolve_files(source, ["config.json", "diffusion_pytorch_model.safetensors"],
                           local_files_only=local_files_only)
     try:
-        return AutoencoderKL.from_pretrained(str(files.paths["config.json"].parent), torch_dtype=dtype,
-                                             use_safetensors=True)
+        return AutoencoderKL.from_pretrained(str(files.paths["config.json"].parent), use_safetensors=True,
+                                             **dtype_kwarg(dtype))
     except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot load the VAE '{source}': {str(exc).splitlines()[0]}") from exc
+        raise ModelSourceError(f"cannot load the VAE '{source}': {first_line(exc)}") from exc
+
+
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """diffusers' dtype argument of ``from_pretrained``: ``dtype`` from 0.40 (where ``torch_dtype`` is
+    deprecated, to be removed in 1.0); older versions ignore ``dtype`` and need ``torch_dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    name = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+    return {name: dtype}

@@ -13,10 +13,12 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_offline_hub_id_suggests_random_weights_or_a_local_path():
-    with pytest.raises(ModelSourceError, match="--random-weights"):
+    with pytest.raises(ModelSourceError, match="local folder") as info:
         load_pipeline("someone/not-cached-model", local_files_only=True)
-    with pytest.raises(ModelSourceError, match="--random-weights"):
+    assert "--" not in str(info.value) and "--random-weights" in info.value.cli_hint
+    with pytest.raises(ModelSourceError, match="random_weights=True") as info:
         load_pipeline("sdxl", local_files_only=True)
+    assert "--" not in str(info.value) and "--random-weights" in info.value.cli_hint
 
 
 def test_random_weights_need_a_preset():
@@ -48,8 +50,9 @@ def test_local_diffusers_folder_with_linfusion_folder(tmp_path, tiny_sd):
 def test_local_folder_without_linfusion_needs_a_known_name(tmp_path):
     from linfusion.presets import build_random_pipeline, get_preset
     build_random_pipeline(get_preset("tiny-sd")).save_pretrained(tmp_path / "my-finetune")
-    with pytest.raises(ModelSourceError, match="--linfusion"):
+    with pytest.raises(ModelSourceError, match="linfusion=") as info:
         load_pipeline(str(tmp_path / "my-finetune"))
+    assert "--linfusion" in info.value.cli_hint
     named = tmp_path / "stable-diffusion-xl-base-1.0"
     named.mkdir()
     assert official_checkpoint_for(str(named)) == "Yuanshi/LinFusion-XL"
