@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from linfusion.runtime.contract import (
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
     ComponentKind,
     Role,
     TensorSpec,
@@ -122,7 +125,7 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
                         torch.tensor([size + [0.0, 0.0] + size] * batch))
         return tensors
 
-    return Component("unet", component_kind("unet"), UNetForExport(unet, xl), dtype, inputs, outputs,
+    return Component(UNET.name, UNET, UNetForExport(unet, xl), dtype, inputs, outputs,
                      make, latent_multiple, (2 * latent_multiple, 3 * latent_multiple))
 
 
@@ -152,9 +155,9 @@ def vae_components(vae: nn.Module, latent_multiple: int, dtype: torch.dtype) -> 
     def make_images(batch, height, width, g):
         return ((torch.rand(batch, 3, height, width, generator=g) * 2 - 1).to(dtype),)
 
-    decoder = Component("vae_decoder", component_kind("vae_decoder"), VaeDecoderForExport(vae), dtype,
+    decoder = Component(VAE_DECODER.name, VAE_DECODER, VaeDecoderForExport(vae), dtype,
                         *vae_decoder_io(dt, latents), make_latents, 1, (2 * latent_multiple, 3 * latent_multiple))
-    encoder = Component("vae_encoder", component_kind("vae_encoder"), VaeEncoderForExport(vae), dtype,
+    encoder = Component(VAE_ENCODER.name, VAE_ENCODER, VaeEncoderForExport(vae), dtype,
                         *vae_encoder_io(dt, latents), make_images, factor,
                         (2 * latent_multiple * factor, 3 * latent_multiple * factor))
     return [decoder, encoder]

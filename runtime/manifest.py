@@ -107,6 +107,7 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     warnings.warn(f"this export was written by an older linfusion-export (manifest format 1): {MANIFEST_NAME} "
                   f"itself is not checksummed; re-export to protect it", stacklevel=3)
     components = {name: {"kind": name, **spec} for name, spec in data.get("components", {}).items()}
+    data = {k: v for k, v in data.items() if k != DIGEST_KEY}
     return {**data, "components": components, "format_version": FORMAT_VERSION}
 
 
@@ -175,5 +176,5 @@ def verify_files(directory: Path, manifest: Manifest, hashes: bool = True) -> No
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         if problem == "missing":
             raise ManifestError(f"{directory}: {name} is missing{more}; re-export the model")
-        raise ManifestError(f"{directory}: {name} was changed or damaged after export ({problem}){more}; "
-                            f"re-export the model")
+        raise ManifestError(f"{directory}: checksum mismatch for {name} ({problem}){more}: the file was changed "
+                            f"or damaged after export; re-export the model")

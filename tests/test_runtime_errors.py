@@ -55,12 +55,13 @@ def test_missing_and_corrupt_export_directories(exported, tmp_path, capsys):
     (broken / "linfusion.json").write_text("{truncated")
     code, err = run_cli([str(broken), "--prompt", "x"], capsys)
     assert code != 0 and "corrupt" in err and len(err.splitlines()) == 1
-    manifest = json.loads((exported("tiny-sd") / "linfusion.json").read_text())
+    original = (exported("tiny-sd") / "linfusion.json").read_text()
+    manifest = json.loads(original)
     manifest["format_version"] = 99
     (broken / "linfusion.json").write_text(json.dumps(manifest))
     code, err = run_cli([str(broken), "--prompt", "x"], capsys)
     assert code != 0 and "format version 99" in err
-    (broken / "linfusion.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    (broken / "linfusion.json").write_text(original)
     (broken / "unet" / "model.onnx").write_bytes(b"garbage")
     code, err = run_cli([str(broken), "--prompt", "x"], capsys)
     assert code != 0 and "checksum mismatch for unet/model.onnx" in err
@@ -79,16 +80,24 @@ def test_cli_writes_images_and_a_timing_summary(exported, tmp_path, capsys):
 def test_exports_missing_components(exported, tmp_path, capsys):
     from PIL import Image
 
+    from dataclasses import replace
+
+    from linfusion.runtime.manifest import Manifest
+
+    def without(manifest: Manifest, name: str) -> Manifest:
+        """What an export with --components writes (the manifest's own checksum included)."""
+        components = dict(manifest.components)
+        del components[name]
+        return replace(manifest, components=components)
+
     copy = tmp_path / "partial"
     shutil.copytree(exported("tiny-sd"), copy)
-    manifest = json.loads((copy / "linfusion.json").read_text())
-    del manifest["components"]["vae_encoder"]
-    (copy / "linfusion.json").write_text(json.dumps(manifest))
+    manifest = without(Manifest.from_dict(json.loads((copy / "linfusion.json").read_text())), "vae_encoder")
+    (copy / "linfusion.json").write_text(manifest.to_json())
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
     code, err = run_cli([str(copy), "--prompt", "x", "--init-image", str(tmp_path / "img.png")], capsys)
     assert code != 0 and "no vae_encoder" in err
-    del manifest["components"]["vae_decoder"]
-    (copy / "linfusion.json").write_text(json.dumps(manifest))
+    (copy / "linfusion.json").write_text(without(manifest, "vae_decoder").to_json())
     code, err = run_cli([str(copy), "--prompt", "x"], capsys)
     assert code != 0 and "lacks vae_decoder" in err
 
