@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import linfusion.engines.builder as builder
+from linfusion.engines import builder
 import linfusion.engines.cli as build_cli
 import linfusion.export.cli as export_cli
 import linfusion.export.validation.cli as validate_cli
@@ -118,7 +118,7 @@ def test_generate_checks_the_scheduler_and_tensorrt_before_loading(tmp_path, no_
     monkeypatch.delitem(schedulers.SCHEDULERS, "lcm")
     code = generate_cli.main([str(tmp_path), "--prompt", "x", "--scheduler", "lcm",
                               "--output", str(tmp_path / "a.png")])
-    one_line_error(code, capsys.readouterr().err, "lcm")
+    one_line_error(code, capsys.readouterr().err, "unknown scheduler 'lcm'")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     code = generate_cli.main([str(tmp_path), "--prompt", "x", "--backend", "tensorrt",
                               "--output", str(tmp_path / "a.png")])
@@ -127,16 +127,16 @@ def test_generate_checks_the_scheduler_and_tensorrt_before_loading(tmp_path, no_
 
 class _FakePipe:
     backend = "onnxruntime"
-    scheduler_config = {"_class_name": "DDIMScheduler"}
 
     def __init__(self, calls, scheduler=None, image=None):
         self.calls, self.scheduler, self.image = calls, scheduler, image
+        self.scheduler_config = {"_class_name": "DDIMScheduler"}
 
     def __call__(self, prompt, **kwargs):
         self.calls.append(kwargs)
-        result = SimpleNamespace(
-            images=[self.image or Image.new("RGB", (8, 8), (200, 10, 10))] * kwargs["num_images_per_prompt"],
-            seed=kwargs["seed"], timings=dict(encode=0.1, unet_per_step=0.01, denoise=0.2, decode=0.1, total=0.5))
+        images = [self.image or Image.new("RGB", (8, 8), (200, 10, 10))] * kwargs["num_images_per_prompt"]
+        timings = {"encode": 0.1, "unet_per_step": 0.01, "denoise": 0.2, "decode": 0.1, "total": 0.5}
+        result = SimpleNamespace(images=images, seed=kwargs["seed"], timings=timings)
         if self.scheduler:
             result.scheduler = self.scheduler
         return result
@@ -168,7 +168,8 @@ def test_generate_prints_a_random_seed_before_loading(tmp_path, monkeypatch, cap
 def test_generate_summary_names_the_scheduler_that_ran(tmp_path, monkeypatch, capsys):
     at_load, calls = [], []
     _fake_loader(monkeypatch, capsys, at_load, calls, scheduler="pndm")
-    code = generate_cli.main([str(tmp_path), "--prompt", "x", "--seed", "7", "--output", str(tmp_path / "a.png")])
+    code = generate_cli.main([str(tmp_path), "--prompt", "x", "--seed", "7",
+                              "--output", str(tmp_path / "a.png")])
     assert code == 0 and at_load == ["seed 7\n"]
     assert "seed 7; scheduler pndm;" in capsys.readouterr().out
     _fake_loader(monkeypatch, capsys, at_load, calls)
@@ -183,7 +184,8 @@ def test_a_failed_save_still_reports_the_seed(tmp_path, monkeypatch, capsys):
             raise OSError("disk full")
 
     _fake_loader(monkeypatch, capsys, [], [], image=Unsavable())
-    code = generate_cli.main([str(tmp_path), "--prompt", "x", "--seed", "11", "--output", str(tmp_path / "a.png")])
+    code = generate_cli.main([str(tmp_path), "--prompt", "x", "--seed", "11",
+                              "--output", str(tmp_path / "a.png")])
     one_line_error(code, capsys.readouterr().err, "disk full", "seed 11")
 
 
@@ -221,7 +223,8 @@ def test_build_refuses_bad_outputs_before_loading(case, tmp_path, a_file, unwrit
         raise AssertionError("the export was loaded before the output paths were checked")
 
     monkeypatch.setattr(build_cli, "load_manifest", loaded)
-    args = {"output-file": ["--output", str(a_file)], "output-unwritable": ["--output", str(unwritable / "e")],
+    args = {"output-file": ["--output", str(a_file)],
+            "output-unwritable": ["--output", str(unwritable / "e")],
             "cache-dir": ["--timing-cache", str(tmp_path)],
             "cache-parent-file": ["--timing-cache", str(a_file / "t.cache")]}[case]
     code = build_cli.main([str(tmp_path), "--output", str(tmp_path / "engines"), *args])
@@ -251,20 +254,25 @@ def no_validation(monkeypatch):
 
 
 @pytest.mark.parametrize("args", [
-    ["--report", "r.txt"], ["--report", "DIR"], ["--report", "FILE/r.json"], ["--report", "UNWRITABLE/r.json"],
-    ["--save-reference", "ref.npy"], ["--save-reference", "FILE/ref"], ["--save-reference", "UNWRITABLE/ref"],
+    ["--report", "r.txt"], ["--report", "DIR"], ["--report", "FILE/r.json"],
+    ["--report", "UNWRITABLE/r.json"], ["--save-reference", "ref.npy"], ["--save-reference", "FILE/ref"],
+    ["--save-reference", "UNWRITABLE/ref"],
 ])
-def test_validate_refuses_bad_outputs_before_checking(args, tmp_path, a_file, unwritable, no_validation, capsys):
+def test_validate_refuses_bad_outputs_before_checking(args, tmp_path, a_file, unwritable, no_validation,
+                                                      capsys):
     (tmp_path / "export").mkdir()
     path = args[1].replace("UNWRITABLE", str(unwritable)).replace("FILE", str(a_file))
     path = str(tmp_path) if path == "DIR" else path if os.path.isabs(path) else str(tmp_path / path)
-    code = validate_cli.main([str(tmp_path / "export"), "--load-reference", str(tmp_path / "ref"), args[0], path]
-                             if args[0] == "--report" else [str(tmp_path / "export"), args[0], path])
+    base = [str(tmp_path / "export")]
+    if args[0] == "--report":
+        base += ["--load-reference", str(tmp_path / "ref")]
+    code = validate_cli.main([*base, args[0], path])
     err = one_line_error(code, capsys.readouterr().err, args[0])
     assert "validation started" not in err
 
 
-def test_validate_tensorrt_alone_without_tensorrt_cannot_validate(tmp_path, monkeypatch, no_validation, capsys):
+def test_validate_tensorrt_alone_without_tensorrt_cannot_validate(tmp_path, monkeypatch, no_validation,
+                                                                  capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     (tmp_path / "export").mkdir()
     base = [str(tmp_path / "export"), "--load-reference", str(tmp_path / "ref")]
@@ -288,15 +296,17 @@ BLOCKER = textwrap.dedent(f"""
 
 def run_runtime_only(module: str, args: list[str]) -> subprocess.CompletedProcess:
     code = BLOCKER + f"from {module} import main\nsys.exit(main({args!r}))\n"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("module, args, needles", [
     ("linfusion.engines.cli", ["EXPORT"], ["onnx", "pip install 'linfusion-deploy[gpu]'", "[gpu-cu13]"]),
-    ("linfusion.export.cli", ["--model", "tiny-sd", "--output", "OUT"], ["torch", "linfusion-deploy[export]"]),
+    ("linfusion.export.cli", ["--model", "tiny-sd", "--output", "OUT"],
+     ["torch", "linfusion-deploy[export]"]),
     ("linfusion.export.validation.cli", ["EXPORT", "--load-reference", "REF"],
      ["polygraphy", "pip install 'linfusion-deploy[gpu]'"]),
-    ("linfusion.export.validation.cli", ["EXPORT"], ["torch", "linfusion-deploy[export]", "--load-reference"]),
+    ("linfusion.export.validation.cli", ["EXPORT"],
+     ["torch", "linfusion-deploy[export]", "--load-reference"]),
 ])
 def test_runtime_only_environment_names_the_extra(module, args, needles, tmp_path):
     (tmp_path / "export").mkdir()
