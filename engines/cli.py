@@ -6,66 +6,99 @@ import argparse
 import sys
 from pathlib import Path
 
+from linfusion.runtime.cli_checks import (
+    GPU_EXTRAS,
+    CliError,
+    HelpFormatter,
+    check_output_dir,
+    check_output_file,
+    exit_status_epilog,
+    fail,
+    install_hint,
+    require_extra,
+)
 from linfusion.runtime.manifest import ManifestError, load_manifest
 
 from .kernel_build import KERNEL_CHOICES
 from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
 
+PROG = "linfusion-build"
+DESCRIPTION = """\
+Build one TensorRT engine per component of an export directory, with optimization profiles
+for the given image sizes and batch range, and the linear attention as fused TensorRT plugins.
+Writes OUTPUT/<component>.plan and OUTPUT/engines.json; engines already in OUTPUT that this
+TensorRT and GPU can load are kept when only some components are rebuilt."""
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="linfusion-build", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter,
+        epilog=exit_status_epilog("0 engines written",
+                                  "2 bad arguments, export or output path, TensorRT or an extra missing, "
+                                  "or a failed build;\n    one line on stderr"))
     p.add_argument("export_dir", type=Path, help="an export directory made by linfusion-export")
     p.add_argument("--output", type=Path, help="engines directory (default: EXPORT_DIR/engines)")
-    p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels (default 512)")
-    p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for (default 1024)")
-    p.add_argument("--max-size", type=int, default=2048, help="largest image side in pixels (default 2048)")
-    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each)")
-    p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
-                   "UNet range is doubled for classifier-free guidance")
+    p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels")
+    p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for")
+    p.add_argument("--max-size", type=int, default=2048, help="largest image side in pixels")
+    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each; "
+                                   "default: the --min/--opt/--max-size range)")
+    p.add_argument("--batch", default="1:1:4",
+                   help="images per prompt MIN:OPT:MAX; the UNet range is doubled for classifier-free "
+                        "guidance")
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
                    help="fused linear-attention plugin (auto: on with TensorRT >= 10.10)")
     p.add_argument("--attention-kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="plugin kernel tactics TensorRT may pick (auto: all, timed at build time). tensor-core "
-                   "(two tilings) needs sm_80+ and applies to fp16/bf16 with head dims up to 192; float32 and "
-                   "larger head dims always use cuda-core")
+                   help="plugin kernel tactics TensorRT may pick (auto: all, timed at build time). "
+                        "tensor-core (two tilings) needs sm_80+ and applies to fp16/bf16 with head dims up "
+                        "to 192; float32 and larger head dims always use cuda-core")
     p.add_argument("--timing-cache", type=Path, help="timing cache to reuse and update "
                    "(default: OUTPUT/timing-<TensorRT version>-sm<XY>.cache)")
     p.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="N",
-                   help="builder optimization level 0-5 (default 3)")
+                   help="builder optimization level 0-5")
     p.add_argument("--refittable", action="store_true", help="build refittable engines (LoRA swaps)")
-    p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder")
+    p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder (default: all)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"linfusion-build: error: {message}", file=sys.stderr)
-        return 1
-
+    output = args.output or args.export_dir / "engines"
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     try:
+        check_output_dir(output, "--output", reuse=True)
+        if args.timing_cache is not None:
+            check_output_file(args.timing_cache, "--timing-cache")
+        require_extra("onnx", GPU_EXTRAS, "building engines")
+        from .builder import BuildOptions, TensorRTMissing, build_all, import_tensorrt, select_components
+
         manifest = load_manifest(args.export_dir)
         multiple = manifest.pixel_multiple
-        spatial = spatial_profiles(multiple, sizes=parse_sizes(args.sizes)) if args.sizes else spatial_profiles(
-            multiple, args.min_size, args.opt_size, args.max_size)
+        if args.sizes:
+            spatial = spatial_profiles(multiple, sizes=parse_sizes(args.sizes))
+        else:
+            spatial = spatial_profiles(multiple, args.min_size, args.opt_size, args.max_size)
         batch = parse_batch(args.batch)
-    except (ManifestError, ProfileError) as exc:
-        return fail(str(exc))
-    from .builder import BuildOptions, build_all
+        select_components(manifest, components)
+        try:
+            import_tensorrt()
+        except TensorRTMissing as exc:
+            raise CliError(f"{exc}; {install_hint(GPU_EXTRAS)}") from None
+    except (CliError, ManifestError, ProfileError, ValueError) as exc:
+        return fail(PROG, exc)
 
-    output = args.output or args.export_dir / "engines"
     options = BuildOptions(spatial=spatial, batch=batch, output=output, plugin=args.plugin,
                            kernels=args.attention_kernels, timing_cache=args.timing_cache,
                            optimization_level=args.optimization_level, refittable=args.refittable,
-                           components=[c.strip() for c in args.components.split(",")] if args.components else None)
+                           components=components)
     try:
         build_all(args.export_dir, options, log=lambda line: print(line, flush=True))
     except (RuntimeError, ValueError, OSError) as exc:
         # RuntimeError: TensorRTMissing, BuildError, PluginUnavailable and TensorRT's own errors
-        return fail(str(exc))
+        return fail(PROG, exc)
     except KeyboardInterrupt:
-        return fail("interrupted; engines already renamed into place are complete, the rest were not written")
+        return fail(PROG, "interrupted; engines already renamed into place are complete, the rest were not "
+                          "written")
     return 0
 
 

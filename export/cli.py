@@ -8,11 +8,26 @@ import sys
 import time
 import warnings
 
+from linfusion.runtime.cli_checks import (
+    CliError,
+    HelpFormatter,
+    check_output_dir,
+    exit_status_epilog,
+    fail,
+    require_extras,
+)
+
+PROG = "linfusion-export"
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "polygraphy")
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="linfusion-export",
-        description="Export a LinFusion pipeline to ONNX (dynamic batch, height and width).")
+        prog=PROG, formatter_class=HelpFormatter,
+        description="Export a LinFusion pipeline to ONNX (dynamic batch, height and width).",
+        epilog=exit_status_epilog("0 export directory written",
+                                  "2 bad arguments or output path, a missing extra, a model that cannot be "
+                                  "loaded,\n    or a failed export or parity check; one line on stderr"))
     p.add_argument("--model", required=True,
                    help="preset (sd15, sd21, sdxl, tiny-sd, tiny-sdxl), local diffusers folder, or hub id")
     p.add_argument("--linfusion", help="LinFusion checkpoint: local folder or hub id "
@@ -20,12 +35,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="build the preset's real architecture offline with seeded random weights")
     p.add_argument("--vae", help="replacement VAE (folder or hub id), e.g. a fixed fp16 SD-XL VAE; "
-                                 "one without force_upcast is exported in fp16")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
-    p.add_argument("--revision", help="hub revision of the base model")
+                                 "one without force_upcast is exported in fp16 (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    p.add_argument("--revision", help="hub revision of the base model (default: the latest)")
     p.add_argument("--output", required=True, help="export directory to create")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="weights and activations of the exported models")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported models")
     p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder (default: all)")
     p.add_argument("--skip-parity", action="store_true",
                    help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
@@ -37,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        check_output_dir(args.output, "--output", force=args.force)
+        require_extras(EXPORT_MODULES, "export", "exporting")
+    except CliError as exc:
+        return fail(PROG, exc)
     if not args.verbose:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
@@ -48,16 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Cheap argument checks first, before any model is loaded.
     if args.opset not in SUPPORTED_OPSETS:
-        return fail(f"unsupported opset {args.opset}; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+        return fail(PROG, f"unsupported opset {args.opset}; choose "
+                          f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     components = [c.strip() for c in args.components.split(",")] if args.components else None
     if components:
         unknown = sorted(set(components) - set(available_components(True)))
         if unknown:
-            return fail(f"unknown component(s) {', '.join(unknown)}; choose from "
+            return fail(PROG, f"unknown component(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(available_components(True))}")
-    from pathlib import Path
-    if Path(args.output).exists() and not args.force:
-        return fail(f"{args.output} already exists; pass --force to replace it")
 
     from linfusion.loader import load_pipeline
 
@@ -71,17 +90,15 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.precision}, opset {args.opset})", flush=True)
         export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
                         args.skip_parity, progress=lambda line: print(line, flush=True))
-    except (ModelSourceError, CheckpointMismatchError, ExportError, ExportCheckError) as exc:
-        return fail(str(exc))
+    except ModelSourceError as exc:  # the API words the remedy for Python callers; say it in flags here
+        hint = getattr(exc, "cli_hint", None)
+        return fail(PROG, f"{getattr(exc, 'problem', exc)}; {hint}" if hint else exc)
+    except (CheckpointMismatchError, ExportError, ExportCheckError, OSError) as exc:
+        return fail(PROG, exc)
     except KeyboardInterrupt:
-        return fail("interrupted; nothing was written")
+        return fail(PROG, "interrupted; nothing was written")
     print(f"done in {time.perf_counter() - start:.1f}s: {args.output}")
     return 0
-
-
-def fail(message: str) -> int:
-    print(f"linfusion-export: error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

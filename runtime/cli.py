@@ -3,49 +3,114 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+
+from .cli_checks import (
+    GPU_EXTRAS,
+    CliError,
+    HelpFormatter,
+    check_output_file,
+    exit_status_epilog,
+    fail,
+    image_suffixes,
+    numbered_paths,
+    require_extra,
+    require_extras,
+)
+
+PROG = "linfusion-generate"
+SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+"""For --help; --scheduler is checked against the runtime's registry before the models load."""
+RUNTIME_MODULES = ("numpy", "onnxruntime", "tokenizers", "PIL")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="linfusion-generate",
-                                description="Generate images from a LinFusion export directory (no PyTorch).")
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=HelpFormatter,
+        description="Generate images from a LinFusion export directory (no PyTorch).",
+        epilog=exit_status_epilog("0 images written",
+                                  "2 bad arguments, output path or export, a missing extra, or the "
+                                  "generation failed;\n    one line on stderr"))
     p.add_argument("directory", help="export directory written by linfusion-export")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, help="guidance scale (default 7.5, SD-XL 5.0)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, help="same seed, same image (default: random, printed)")
-    p.add_argument("--scheduler", help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm "
-                                       "(default: the exported scheduler's)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--init-image", help="image for img2img (SDEdit)")
-    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
-    p.add_argument("--latents", help=".npy file with the initial noise [B, 4, H/8, W/8]")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--prompt", required=True, help="what the image shows")
+    p.add_argument("--negative-prompt", help="what to steer away from (default: none, the empty prompt)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale; 1 or less turns guidance off "
+                        "(default: 7.5, SD-XL 5.0)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="rescales the guided prediction against over-exposure, 0 to 1 (0: off)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the export's pixel "
+                                              "multiple (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--seed", type=int,
+                   help="same seed, same image (default: random; printed before the models load)")
+    p.add_argument("--scheduler", metavar="NAME",
+                   help=f"{', '.join(SCHEDULER_NAMES)} (default: the one the export's scheduler_config.json "
+                        "names, euler where the runtime lacks it; the summary line says which ran)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="auto: TensorRT engines when built and importable here, else ONNX Runtime")
+    p.add_argument("--init-image", help="image for img2img (SDEdit) (default: none, text to image)")
+    p.add_argument("--strength", type=float,
+                   help="img2img: share of the schedule re-noised, in (0, 1] "
+                        "(default: 0.8 with --init-image)")
+    p.add_argument("--latents", help=".npy file with the initial noise [B, 4, H/8, W/8] (default: drawn from "
+                                     "the seed)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
                    help="sequential runs the unconditional and text passes one after the other (less memory)")
-    p.add_argument("--tile-vae", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.add_argument("--tile-vae", choices=["auto", "on", "off"], default="auto",
+                   help="tiled VAE decode; auto tiles beyond twice the model's native size per side")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its own choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
     p.add_argument("--output", default="out.png",
-                   help="output image; with several images, _0, _1 ... are inserted before the suffix")
+                   help="output image (.png, .jpg, .jpeg or .webp); with several images, _0, _1 ... are "
+                        "inserted before the suffix")
     return p
 
 
 def progress_bar(step: int, total: int) -> None:
     width = 30
     done = width * step // total
-    print(f"\r  denoising [{'#' * done}{'.' * (width - done)}] {step}/{total}", end="" if step < total else "\n",
-          file=sys.stderr, flush=True)
+    print(f"\r  denoising [{'#' * done}{'.' * (width - done)}] {step}/{total}",
+          end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+
+def random_seed() -> int:
+    """A 32-bit seed from os.urandom, as the pipeline draws one."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def preflight(args: argparse.Namespace) -> list[Path]:
+    """Everything checked before a model loads; returns the image paths to write."""
+    require_extras(RUNTIME_MODULES, "runtime", "the runtime")
+    if args.backend == "tensorrt":
+        require_extra("tensorrt", GPU_EXTRAS, "--backend tensorrt")
+    for option, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value < 1:
+            raise CliError(f"{option} must be at least 1, got {value}")
+    output = check_output_file(args.output, "--output", image_suffixes())
+    paths = numbered_paths(output, args.num_images)
+    for path in paths:
+        if path != output:
+            check_output_file(path, "--output")
+    if args.scheduler is not None:
+        from .schedulers import SCHEDULERS
+
+        if args.scheduler not in SCHEDULERS:
+            raise CliError(f"unknown scheduler '{args.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pathlib import Path
+    try:
+        paths = preflight(args)
+    except CliError as exc:
+        return fail(PROG, exc)
 
     import numpy as np
 
@@ -58,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             latents = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            return fail(f"cannot read latents {args.latents}: {exc}")
+            return fail(PROG, f"cannot read latents {args.latents}: {exc}")
+    seed = random_seed() if args.seed is None else args.seed
+    print(f"seed {seed}", flush=True)
     try:
         start = time.perf_counter()
         pipe = Pipeline.from_export(args.directory, backend=args.backend, verify=not args.no_verify,
@@ -66,29 +133,34 @@ def main(argv: list[str] | None = None) -> int:
         load_time = time.perf_counter() - start
         tile = {"auto": None, "on": True, "off": False}[args.tile_vae]
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
                       cfg_mode=args.cfg_mode, tile_vae=tile, callback=progress_bar)
     except (ManifestError, GenerationError, BackendError) as exc:
-        return fail(str(exc))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [output] if len(result.images) == 1 else [
-        output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(result.images))]
-    for image, path in zip(result.images, paths):
-        image.save(path)
+        return fail(PROG, exc)
+    if len(result.images) != len(paths):
+        paths = numbered_paths(Path(args.output).expanduser(), len(result.images))
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for image, path in zip(result.images, paths):
+            image.save(path)
+    except (OSError, ValueError) as exc:
+        return fail(PROG, f"cannot write {args.output}: {exc} (seed {result.seed})")
+    scheduler = getattr(result, "scheduler", None) or args.scheduler or _default_scheduler(pipe)
     t = result.timings
-    print(f"seed {result.seed}; backend {pipe.backend}; load {load_time:.2f}s, encode {t['encode']:.2f}s, "
-          f"UNet {t['unet_per_step']:.3f}s/step, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, "
-          f"total {t['total']:.2f}s")
+    print(f"seed {result.seed}; scheduler {scheduler}; backend {pipe.backend}; load {load_time:.2f}s, "
+          f"encode {t['encode']:.2f}s, UNet {t['unet_per_step']:.3f}s/step, denoise {t['denoise']:.2f}s, "
+          f"decode {t['decode']:.2f}s, total {t['total']:.2f}s")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
-def fail(message: str) -> int:
-    print(f"linfusion-generate: error: {message}", file=sys.stderr)
-    return 2
+def _default_scheduler(pipe) -> str:
+    """The name the pipeline picks without --scheduler (for results that do not record it)."""
+    from .schedulers import default_scheduler_name
+
+    return default_scheduler_name(getattr(pipe, "scheduler_config", {}) or {})
 
 
 if __name__ == "__main__":

@@ -154,18 +154,18 @@ def test_engine_manifest_errors(tmp_path):
 
 def test_cli_without_tensorrt_exits_with_one_line(sd_export, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, even where it is
-    assert main([str(sd_export), "--output", str(sd_export / "engines-test")]) == 1
+    assert main([str(sd_export), "--output", str(sd_export / "engines-test")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "TensorRT is not installed" in err
     assert not (sd_export / "engines-test").exists()
 
 
 def test_cli_rejects_bad_arguments(sd_export, capsys, tmp_path):
-    assert main([str(tmp_path / "missing")]) == 1
+    assert main([str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main([str(sd_export), "--sizes", "100x100"]) == 1
+    assert main([str(sd_export), "--sizes", "100x100"]) == 2
     assert "multiple of" in capsys.readouterr().err
-    assert main([str(sd_export), "--batch", "4:1:1"]) == 1
+    assert main([str(sd_export), "--batch", "4:1:1"]) == 2
     with pytest.raises(SystemExit):
         main([str(sd_export), "--plugin", "maybe"])
 
