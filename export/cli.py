@@ -59,20 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.output).exists() and not args.force:
         return fail(f"{args.output} already exists; pass --force to replace it")
 
+    from linfusion.runtime.signals import Terminated, terminations_interrupt
+
     from linfusion.loader import load_pipeline
 
     start = time.perf_counter()
     try:
-        print(f"loading {args.model} ...", flush=True)
-        loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
-                               dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
-                               local_files_only=args.offline, vae=args.vae)
-        print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
-              f"({args.precision}, opset {args.opset})", flush=True)
-        export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
-                        args.skip_parity, progress=lambda line: print(line, flush=True))
+        with terminations_interrupt():  # SIGTERM / SIGHUP clean up like Ctrl-C
+            print(f"loading {args.model} ...", flush=True)
+            loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
+                                   dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
+                                   local_files_only=args.offline, vae=args.vae)
+            print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
+                  f"({args.precision}, opset {args.opset})", flush=True)
+            export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
+                            args.skip_parity, progress=lambda line: print(line, flush=True))
     except (ModelSourceError, CheckpointMismatchError, ExportError, ExportCheckError) as exc:
         return fail(str(exc))
+    except Terminated as exc:
+        fail(f"{exc}; nothing was written")
+        return exc.exit_code
     except KeyboardInterrupt:
         return fail("interrupted; nothing was written")
     print(f"done in {time.perf_counter() - start:.1f}s: {args.output}")
