@@ -66,6 +66,7 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
     # SIGTERM / SIGHUP would kill the process without the cleanup below: raise Terminated instead.
     with terminations_interrupt():
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "partial"), dir=output.parent))
+        _ACTIVE.add(staging.name)
         try:
             manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
             normal_permissions(staging)  # mkdtemp made it 0700: give it the umask's modes
@@ -79,6 +80,8 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            _ACTIVE.discard(staging.name)
     return manifest
 
 
@@ -88,6 +91,8 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
 # killed run (SIGKILL, power loss) without touching those of an export still running.
 _OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[a-z0-9_]+$")
 _UNOWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-[a-z0-9_]{8}$")  # older versions
+_ACTIVE: set[str] = set()
+"""This process's folders in use: exports may run in several threads at once."""
 
 
 def _host_tag() -> str:
@@ -102,8 +107,8 @@ def _owner_running(pid: int, folder: Path) -> bool:
     """Whether process ``pid`` of this host may still own ``folder``; when unsure, True."""
     if pid <= 0:
         return True
-    if pid == os.getpid():
-        return False  # this export has not made its folders yet: the PID was reused
+    if pid == os.getpid():  # ours, or an earlier process's with the same PID (containers reuse them)
+        return folder.name in _ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,8 +156,8 @@ def remove_stale_staging(parent: Path, progress: Callable[[str], None] = print) 
             removed.append(entry)
             progress(f"removed {entry.name}, left behind by export process {owned['pid']}, which is gone")
     if unknown:
-        progress(f"warning: left alone {', '.join(unknown)} in {parent}: its export may still be running "
-                 f"(another host or an older version); delete it once none is")
+        progress(f"warning: left alone {', '.join(unknown)} in {parent} (owner unknown: another host or an "
+                 f"older version); delete once no export is running there")
     return removed
 
 
@@ -293,15 +298,17 @@ def _replace_directory(staging: Path, output: Path) -> None:
     Interrupted between the two renames, the previous output is put back."""
     if output.exists():
         trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "old"), dir=output.parent))
+        _ACTIVE.add(trash.name)
         try:
             output.rename(trash / output.name)
             staging.rename(output)
         except BaseException:
             if (trash / output.name).exists() and not output.exists():
                 (trash / output.name).rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
             raise
-        shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+            _ACTIVE.discard(trash.name)
     else:
         staging.rename(output)
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import types
@@ -231,3 +232,19 @@ def test_sigterm_and_sighup_cancel_a_build_like_sigint(signum):
     assert result["restored"]
     steps = result["steps"]
     assert steps[-1] < 10 and all(isinstance(s, int) for s in steps), steps  # cancelled, nothing swallowed
+
+
+def test_a_folder_with_this_processes_pid_is_kept_only_while_this_process_uses_it(tmp_path):
+    """Exports may run in threads of one process, and a container restarts with the same PIDs:
+    a folder named with our PID is ours only if we are using it."""
+    from linfusion.export import exporter as E
+
+    earlier = Path(tempfile.mkdtemp(prefix=E._staging_prefix("a", "partial"), dir=tmp_path))
+    running = Path(tempfile.mkdtemp(prefix=E._staging_prefix("b", "partial"), dir=tmp_path))
+    E._ACTIVE.add(running.name)
+    try:
+        lines = []
+        assert E.remove_stale_staging(tmp_path, lines.append) == [earlier]
+    finally:
+        E._ACTIVE.discard(running.name)
+    assert running.is_dir() and not earlier.exists() and len(lines) == 1
