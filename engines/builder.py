@@ -36,6 +36,7 @@ from linfusion.runtime.engine_manifest import (
     load_engine_manifest,
 )
 from linfusion.runtime.manifest import Manifest, load_manifest, sha256_file
+from linfusion.runtime.signals import TERMINATION_SIGNALS, Terminated, current_umask
 
 from . import kernel_build as K
 from . import onnx_prep
@@ -153,23 +154,41 @@ class _Progress:
 
 
 class _InterruptFlag:
-    """Turns SIGINT into a flag for the duration of a build (main thread only); the build stops
-    at its next progress step."""
+    """Turns SIGINT, SIGTERM and SIGHUP into a flag for the duration of a build (main thread
+    only); the build stops at its next progress step. A SIGTERM or SIGHUP is then handed on when
+    the block ends: to the previous Python handler, or as ``Terminated`` (a KeyboardInterrupt)
+    where the default would have killed the process, so the same cleanup as for Ctrl-C runs. An
+    ignored SIGTERM or SIGHUP (``nohup``) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, *TERMINATION_SIGNALS)
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self._installed = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _set(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
 
     def __enter__(self) -> threading.Event:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
-            self._installed = True
+            for signum in self.SIGNALS:
+                if signum == signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._set)
         return self.event
 
-    def __exit__(self, *exc) -> None:
-        if self._installed:  # the previous handler may be None (installed from C): restore it anyway
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+    def __exit__(self, exc_type, *exc) -> None:
+        for signum, previous in self._previous.items():  # None: installed from C; restore it anyway
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        if self.signum in (None, signal.SIGINT) or (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+            return
+        previous = self._previous[self.signum]
+        if callable(previous):
+            previous(self.signum, None)
+        else:
+            raise Terminated(self.signum)
 
 
 def default_timing_cache(output: Path, version: str, capability: str) -> Path:
@@ -180,6 +199,7 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600 files
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:

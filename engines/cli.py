@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing_cache is not None:
             check_output_file(args.timing_cache, "--timing-cache")
         require_extra("onnx", GPU_EXTRAS, "building engines")
-        from .builder import BuildOptions, TensorRTMissing, build_all, import_tensorrt, select_components
+        from .builder import BuildOptions, TensorRTMissing, build_all, builder_tensorrt, select_components
 
         manifest = load_manifest(args.export_dir)
         multiple = manifest.pixel_multiple
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = parse_batch(args.batch)
         select_components(manifest, components)
         try:
-            import_tensorrt()
+            builder_tensorrt()
         except TensorRTMissing as exc:
             raise CliError(f"{exc}; {install_hint(GPU_EXTRAS)}") from None
     except (CliError, ManifestError, ProfileError, ValueError) as exc:
@@ -91,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                            kernels=args.attention_kernels, timing_cache=args.timing_cache,
                            optimization_level=args.optimization_level, refittable=args.refittable,
                            components=components)
+    from linfusion.runtime.signals import Terminated, terminations_interrupt
+
     try:
-        build_all(args.export_dir, options, log=lambda line: print(line, flush=True))
+        with terminations_interrupt():  # SIGTERM / SIGHUP stop the build like Ctrl-C
+            build_all(args.export_dir, options, log=lambda line: print(line, flush=True))
     except (RuntimeError, ValueError, OSError) as exc:
         # RuntimeError: TensorRTMissing, BuildError, PluginUnavailable and TensorRT's own errors
         return fail(PROG, exc)
+    except Terminated as exc:
+        fail(PROG, f"{exc}; engines already renamed into place are complete, the rest were not written")
+        return exc.exit_code
     except KeyboardInterrupt:
         return fail(PROG, "interrupted; engines already renamed into place are complete, the rest were not "
                           "written")

@@ -78,23 +78,29 @@ def main(argv: list[str] | None = None) -> int:
             return fail(PROG, f"unknown component(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(available_components(True))}")
 
+    from linfusion.runtime.signals import Terminated, terminations_interrupt
+
     from linfusion.loader import load_pipeline
 
     start = time.perf_counter()
     try:
-        print(f"loading {args.model} ...", flush=True)
-        loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
-                               dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
-                               local_files_only=args.offline, vae=args.vae)
-        print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
-              f"({args.precision}, opset {args.opset})", flush=True)
-        export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
-                        args.skip_parity, progress=lambda line: print(line, flush=True))
+        with terminations_interrupt():  # SIGTERM / SIGHUP clean up like Ctrl-C
+            print(f"loading {args.model} ...", flush=True)
+            loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
+                                   dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
+                                   local_files_only=args.offline, vae=args.vae)
+            print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
+                  f"({args.precision}, opset {args.opset})", flush=True)
+            export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
+                            args.skip_parity, progress=lambda line: print(line, flush=True))
     except ModelSourceError as exc:  # the API words the remedy for Python callers; say it in flags here
         hint = getattr(exc, "cli_hint", None)
         return fail(PROG, f"{getattr(exc, 'problem', exc)}; {hint}" if hint else exc)
     except (CheckpointMismatchError, ExportError, ExportCheckError, OSError) as exc:
         return fail(PROG, exc)
+    except Terminated as exc:
+        fail(PROG, f"{exc}; nothing was written")
+        return exc.exit_code
     except KeyboardInterrupt:
         return fail(PROG, "interrupted; nothing was written")
     print(f"done in {time.perf_counter() - start:.1f}s: {args.output}")

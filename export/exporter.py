@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import shutil
+import socket
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from linfusion.runtime.contract import (
+    ComponentSpec,
+    PipelineFacts,
+    component_kind,
+    kinds_for,
+    text_encoder_names,
+)
+from linfusion.runtime.manifest import MANIFEST_NAME, Manifest, file_records
+from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
-from linfusion.runtime.contract import ComponentSpec, PipelineFacts, component_kind, kinds_for, text_encoder_names
-from linfusion.runtime.manifest import MANIFEST_NAME, Manifest, file_records
 
 from . import onnx_file
 from .components import TEXT_LENGTH, Component, build_component
@@ -56,20 +67,103 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
-        _replace_directory(staging, output)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(f"disk full while writing into {output.parent} "
-                              f"({onnx_file.free_bytes(output.parent) >> 20} MiB free)") from exc
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    remove_stale_staging(output.parent, progress)
+    # SIGTERM / SIGHUP would kill the process without the cleanup below: raise Terminated instead.
+    with terminations_interrupt():
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "partial"), dir=output.parent))
+        _ACTIVE.add(staging.name)
+        try:
+            manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
+            normal_permissions(staging)  # mkdtemp made it 0700: give it the umask's modes
+            _replace_directory(staging, output)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise ExportError(f"disk full while writing into {output.parent} "
+                                  f"({onnx_file.free_bytes(output.parent) >> 20} MiB free)") from exc
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            _ACTIVE.discard(staging.name)
     return manifest
+
+
+# Temporary folders beside the output: ``.NAME.partial-PID.HOST-XXXXXXXX`` while an export is
+# written, ``.NAME.old-PID.HOST-XXXXXXXX`` while --force deletes the previous one. The owner's PID
+# and a hash of the host name let the next export into the same parent remove the folders of a
+# killed run (SIGKILL, power loss) without touching those of an export still running.
+_OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[a-z0-9_]+$")
+_UNOWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-[a-z0-9_]{8}$")  # older versions
+_ACTIVE: set[str] = set()
+"""This process's folders in use: exports may run in several threads at once."""
+
+
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _staging_prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}.{_host_tag()}-"
+
+
+def _owner_running(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` of this host may still own ``folder``; when unsure, True."""
+    if pid <= 0:
+        return True
+    if pid == os.getpid():  # ours, or an earlier process's with the same PID (containers reuse them)
+        return folder.name in _ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    try:  # Linux: a process that started after the folder last changed is not its owner (PID reuse)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return started <= folder.stat().st_mtime + 2
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+
+
+def remove_stale_staging(parent: Path, progress: Callable[[str], None] = print) -> list[Path]:
+    """Delete the ``.NAME.partial-*`` / ``.NAME.old-*`` folders in ``parent`` whose export was killed;
+    name those whose owner cannot be known in one warning line. Returns the removed folders."""
+    removed, unknown = [], []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return removed
+    host = _host_tag()
+    for entry in entries:
+        owned = _OWNED_TEMP.match(entry.name)
+        if owned is None:
+            if _UNOWNED_TEMP.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                unknown.append(entry.name)
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        if owned["host"] != host:
+            unknown.append(entry.name)
+            continue
+        if _owner_running(int(owned["pid"]), entry):
+            continue  # an export running now
+        name = owned["name"]
+        if owned["kind"] == "old" and (entry / name).exists() and not (parent / name).exists():
+            unknown.append(f"{entry.name} (the previous {name}: rename {entry.name}/{name} back or delete it)")
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            progress(f"removed {entry.name}, left behind by export process {owned['pid']}, which is gone")
+    if unknown:
+        progress(f"warning: left alone {', '.join(unknown)} in {parent} (owner unknown: another host or an "
+                 f"older version); delete once no export is running there")
+    return removed
 
 
 def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: int, names: list[str],
@@ -202,12 +296,21 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _replace_directory(staging: Path, output: Path) -> None:
-    """Rename into place; an existing output (with --force) is moved aside first, then deleted."""
+    """Rename into place; an existing output (with --force) is moved aside first, then deleted.
+    Interrupted between the two renames, the previous output is put back."""
     if output.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        output.rename(trash / output.name)
-        staging.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
+        trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "old"), dir=output.parent))
+        _ACTIVE.add(trash.name)
+        try:
+            output.rename(trash / output.name)
+            staging.rename(output)
+        except BaseException:
+            if (trash / output.name).exists() and not output.exists():
+                (trash / output.name).rename(output)
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+            _ACTIVE.discard(trash.name)
     else:
         staging.rename(output)
 
