@@ -6,15 +6,16 @@
 
 Three child processes of this script run one after another (WORK/config.json holds the settings):
   export  sd15 at real size, seeded random weights, fp16 (text_encoder, unet, vae_decoder) -> WORK/export, and the
-          same weights as WORK/diffusers + WORK/linfusion (benchmarks/models.py, the exporter with its parity check);
+          same weights as WORK/diffusers + WORK/linfusion (benchmarks/models.py; the exporter, parity check unless --skip-parity);
   ort     the runtime's public API, ``Pipeline.from_export(WORK/export, providers=[CUDA, CPU])``: UNet s/step via
           ``pipe.runners["unet"].run`` per size (batch 2); ``pipe(...)`` end to end with its ``.timings`` and the
           time per step outside ``runners["unet"].run``; fp16 finiteness (batch 1) at 4096 px, beyond while time is
           left; the whole image against the CPU provider's (PSNR, bound: validation's fp16 40 dB);
   torch   the same weights in PyTorch fp16: LinFusion eager and diffusers' SDPA UNet per size, the LinFusion UNet
-          at the finiteness sizes (ORT's relative error against it), diffusers + LinFusion end to end.
+          at the finiteness sizes, diffusers + LinFusion end to end. The runtime's UNet outputs (same inputs) are
+          compared with LinFusion eager's at every size (max relative error, cosine).
 Each phase rewrites WORK/phase_<name>.json after every item (a phase killed at the deadline keeps what it measured;
-a failing item is recorded and the next runs); the parent then writes OUT/gpu_ort.json and OUT/gpu_ort.md.
+a failing item is recorded and the next runs); after each phase the parent rewrites OUT/gpu_ort.json and .md.
 
 Peak device memory: ORT has no Python API for its CUDA arena's statistics, so each phase reads
 ``nvidia-smi --query-gpu=timestamp,memory.used -lms 50`` in a background thread; a row's figure is the largest
@@ -145,13 +146,15 @@ def make_poller(dry_run: bool, idle: float) -> MemoryPoller:
     return MemoryPoller("host RSS of the phase process (dry run, no GPU), 20 ms samples", rss_samples())
 
 
-def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[dict[str, Any], Any]:
+    """Seconds per call (median after warm-up calls, every repeat, the first call) and the last result."""
     times = []
     for _ in range(warmup + repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times[warmup:]), "all_seconds": times[warmup:], "first_call_s": times[0]}
+    return {"seconds": statistics.median(times[warmup:]), "all_seconds": times[warmup:],
+            "first_call_s": times[0]}, result
 
 
 def unet_feed(batch: int, latent: int, channels: int, context: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -272,7 +275,8 @@ def phase_ort(args: argparse.Namespace, work: Path, rec: Phase) -> None:
     def steps(side: int) -> None:
         feed = unet_feed(args.batch, side // pipe.vae_factor, channels, context)
         poller.mark()
-        row = timed(lambda: unet.run(feed, ["out_sample"]), args.warmup, args.repeats)
+        row, out = timed(lambda: unet.run(feed, ["out_sample"])["out_sample"], args.warmup, args.repeats)
+        np.save(work / f"step_runtime_{side}.npy", out)
         rec.add("unet_step", {"engine": "runtime", "side_px": side, "batch": args.batch, **row,
                               "device_mib": poller.peak()})
         print(f"runtime {side} px: {row['seconds']:.4f} s/step", flush=True)
@@ -384,7 +388,9 @@ def phase_torch(args: argparse.Namespace, work: Path, rec: Phase) -> None:
     def steps(engine: str, module: Any, side: int) -> None:
         run = call(module, unet_feed(args.batch, side // 8, channels, context))
         reset()
-        row = timed(run, args.warmup, args.repeats)
+        row, out = timed(run, args.warmup, args.repeats)
+        if engine == "linfusion_eager":  # the runtime's output at this size is compared with it
+            np.save(work / f"step_linfusion_eager_{side}.npy", out.float().cpu().numpy())
         rec.add("unet_step", {"engine": engine, "side_px": side, "batch": args.batch, **row, **mib()})
         print(f"{engine} {side} px: {row['seconds']:.4f} s/step", flush=True)
 
@@ -461,35 +467,40 @@ def gpu_facts() -> dict[str, Any]:
     return {"name": values[0], "driver": values[1], "memory_total_mib": float(values[2]), "driver_cuda": cuda}
 
 
-def assemble(record: dict[str, Any], work: Path) -> dict[str, Any]:
+def assemble(base: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The record so far: ``base`` (machine, config, return codes) and the phases' files in ``work``."""
+    r = json.loads(json.dumps(base))
     ph = {n: json.loads((work / f"phase_{n}.json").read_text()) for n in PHASES if (work / f"phase_{n}.json").exists()}
     ort, tor = ph.get("ort", {}), ph.get("torch", {})
     keep = ("wall_s", "seconds", "build_s", "import", "load", "skipped")
-    record["phases"] = {n: {k: v for k, v in p.items() if k in keep} for n, p in ph.items()}
-    record["errors"] += [e for p in ph.values() for e in p.get("errors", [])]
-    record["machine"].update(onnxruntime=ort.get("onnxruntime"), torch=tor.get("torch"))
+    r["phases"] = {n: {k: v for k, v in p.items() if k in keep} for n, p in ph.items()}
+    r["errors"] += [e for p in ph.values() for e in p.get("errors", [])]
+    r["machine"].update(onnxruntime=ort.get("onnxruntime"), torch=tor.get("torch"))
     if ort.get("onnxruntime"):  # the module that ran, not the CPU distribution's metadata
-        record["machine"]["packages"]["onnxruntime"] = ort["onnxruntime"]["version"]
-    record.update(runtime=ort.get("runtime"), sdpa_processor=tor.get("sdpa_processor"), psnr=ort.get("psnr"),
-                  memory_source={"runtime": ort.get("memory_source"), "torch": tor.get("memory_source")},
-                  unet_step=ort.get("unet_step", []) + tor.get("unet_step", []),
-                  end_to_end={"runtime": ort.get("end_to_end"), "diffusers_linfusion": tor.get("end_to_end")},
-                  finite_linfusion_eager=tor.get("finite", []), ratios=[], finite=[])
-    for side in record["config"]["sizes"]:
-        by = {r["engine"]: r["seconds"] for r in record["unet_step"] if r["side_px"] == side}
+        r["machine"]["packages"]["onnxruntime"] = ort["onnxruntime"]["version"]
+    r.update(runtime=ort.get("runtime"), sdpa_processor=tor.get("sdpa_processor"), psnr=ort.get("psnr"),
+             memory_source={"runtime": ort.get("memory_source"), "torch": tor.get("memory_source")},
+             unet_step=ort.get("unet_step", []) + tor.get("unet_step", []), ratios=[], finite=[],
+             end_to_end={"runtime": ort.get("end_to_end"), "diffusers_linfusion": tor.get("end_to_end")},
+             finite_linfusion_eager=tor.get("finite", []))
+    for side in r["config"]["sizes"]:
+        by = {x["engine"]: x["seconds"] for x in r["unet_step"] if x["side_px"] == side}
         if "runtime" in by:
             eager, sdpa = by.get("linfusion_eager"), by.get("sdpa")
-            record["ratios"].append({"side_px": side, "eager_over_runtime": eager and eager / by["runtime"],
-                                     "sdpa_over_runtime": sdpa and sdpa / by["runtime"],
-                                     "target_met": None if eager is None or side < 1024 else eager >= by["runtime"]})
-    met = [r["target_met"] for r in record["ratios"] if r["target_met"] is not None]
-    record["target_runtime_at_least_eager_from_1024px"] = all(met) if met else None
+            files = [work / f"step_{e}_{side}.npy" for e in ("runtime", "linfusion_eager")]
+            r["ratios"].append({"side_px": side, "eager_over_runtime": eager and eager / by["runtime"],
+                                "sdpa_over_runtime": sdpa and sdpa / by["runtime"],
+                                "target_met": None if eager is None or side < 1024 else eager >= by["runtime"],
+                                "runtime_vs_eager": rel_error(*map(np.load, files)) if all(map(Path.exists, files))
+                                else None})
+    met = [x["target_met"] for x in r["ratios"] if x["target_met"] is not None]
+    r["target_runtime_at_least_eager_from_1024px"] = all(met) if met else None
     for row in ort.get("finite", []):
         ref = work / f"finite_linfusion_eager_{row['side_px']}.npy"
         if ref.exists():
             row["vs_linfusion_eager"] = rel_error(np.load(work / f"finite_runtime_{row['side_px']}.npy"), np.load(ref))
-        record["finite"].append(row)
-    return record
+        r["finite"].append(row)
+    return clean(r)
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -497,7 +508,7 @@ def markdown(r: dict[str, Any]) -> str:
 
     m, g, c = r["machine"], r["machine"]["gpu"], r["config"]
     o, t = m.get("onnxruntime") or {}, m.get("torch") or {}
-    head = [f"### gpu_ort ({r['date'][:10]}){', DRY RUN: CPU, tiny-sd, plumbing only' if r['dry_run'] else ''}",
+    text = [f"### gpu_ort ({r['date'][:10]}){', DRY RUN: CPU, tiny-sd, plumbing only' if r['dry_run'] else ''}",
             f"Command: `{r['command']}`",
             (f"Machine: {g.get('name')} ({g.get('memory_total_mib')} MiB, driver {g.get('driver')}, CUDA "
              f"{g.get('driver_cuda')}), {m['cpu']}, {m['cores']} cores, Python {m['python']}; torch {t.get('version')} "
@@ -506,37 +517,46 @@ def markdown(r: dict[str, Any]) -> str:
              f"{(r.get('runtime') or {}).get('passed')}; {c['variant']} fp16, random weights.")]
     cell = {(x["engine"], x["side_px"]): x for x in r["unet_step"]}
     ratio = {x["side_px"]: x for x in r["ratios"]}
-    rows = [[s, c["batch"]] + [cell.get((e, s), {}).get("seconds") for e in ENGINES]
-            + [ratio.get(s, {}).get(k) for k in ("eager_over_runtime", "sdpa_over_runtime")]
-            + [cell.get((e, s), {}).get("device_mib") for e in ENGINES]
-            + [cell.get(("linfusion_eager", s), {}).get("allocated_mib")] for s in c["sizes"]]
-    tables = [markdown_table(["px", "batch"] + [f"{v} s/step" for v in ENGINES.values()]
-                             + ["eager / runtime", "SDPA / runtime"] + [f"{v} MiB" for v in ENGINES.values()]
-                             + ["eager allocated MiB"], rows)]
-    rt, df = (r["end_to_end"].get(k) or {} for k in ("runtime", "diffusers_linfusion"))
-    keys = ("total", "encode", "denoise", "decode", "outside_unet_ms_per_step", "outside_unet_share_pct",
-            "device_mib")
-    tables.append(markdown_table(
+    text.append(markdown_table(
+        ["px", "batch", *(f"{v} s/step" for v in ENGINES.values()), "eager / runtime", "SDPA / runtime",
+         *(f"{v} MiB" for v in ENGINES.values()), "eager allocated MiB", "runtime vs eager max rel err"],
+        [[s, c["batch"], *(cell.get((e, s), {}).get("seconds") for e in ENGINES),
+          *(ratio.get(s, {}).get(k) for k in ("eager_over_runtime", "sdpa_over_runtime")),
+          *(cell.get((e, s), {}).get("device_mib") for e in ENGINES),
+          cell.get(("linfusion_eager", s), {}).get("allocated_mib"),
+          (ratio.get(s, {}).get("runtime_vs_eager") or {}).get("max_rel_error")] for s in c["sizes"]]))
+    keys = ("side_px", "steps", "total", "encode", "denoise", "decode", "outside_unet_ms_per_step",
+            "outside_unet_share_pct", "device_mib")
+    text.append(markdown_table(
         ["end to end", "px", "steps", "total s", "encode s", "denoise s", "decode s", "outside UNet ms/step",
          "outside share %", "device MiB"],
-        [[name, d.get("side_px"), d.get("steps")] + [d.get(k) for k in keys] for name, d in
-         (("runtime", rt), ("diffusers + LinFusion", df))]))
-    tables.append(markdown_table(
+        [[name, *((r["end_to_end"][k] or {}).get(key) for key in keys)]
+         for name, k in (("runtime", "runtime"), ("diffusers + LinFusion", "diffusers_linfusion"))]))
+    text.append(markdown_table(
         ["fp16, batch 1", "finite", "max abs", "std", "max rel err vs eager", "cosine", "device MiB"],
-        [[f"{f['side_px']} px", f["finite"], f["max_abs"], f["std"], f.get("vs_linfusion_eager", {}).get(
-            "max_rel_error"), f.get("vs_linfusion_eager", {}).get("cosine"), f.get("device_mib")] for f in r["finite"]]))
-    notes = [(f"UNet s/step: median of {c['repeats']} after {c['warmup']} warm-up calls, inputs and outputs in host "
-              f"memory (the runner's API); end to end: Euler, CFG 7.5 batched, median of {c['e2e_repeats']} after a "
-              f"warm-up. Memory: runtime {r['memory_source']['runtime']}; PyTorch {r['memory_source']['torch']}, "
-              f"plus torch.cuda.max_memory_allocated.")]
+        [[f"{f['side_px']} px", f["finite"], f["max_abs"], f["std"], *(f.get("vs_linfusion_eager", {}).get(k)
+          for k in ("max_rel_error", "cosine")), f.get("device_mib")] for f in r["finite"]]))
+    text.append(f"UNet s/step: median of {c['repeats']} after {c['warmup']} warm-up calls, inputs and outputs in "
+                f"host memory (the runner's API); end to end: Euler, CFG 7.5 batched, median of {c['e2e_repeats']} "
+                f"after a warm-up. Memory: runtime {r['memory_source']['runtime']}; PyTorch "
+                f"{r['memory_source']['torch']}, plus torch.cuda.max_memory_allocated.")
     if r.get("psnr"):
         p = r["psnr"]
         value = "identical" if p["identical"] else f"{p['psnr_db']:.1f} dB"
-        notes.append(f"Whole image, {c['providers'][0]} vs CPU provider, {p['side_px']} px, {p['steps']} steps: "
-                     f"PSNR {value} (bound {p['bound_db']} dB: {'pass' if p['passed'] else 'FAIL'}), "
-                     f"max 8-bit difference {p['max_8bit_diff']}.")
-    notes += [f"Errors: {'; '.join(r['errors'])}"] * bool(r["errors"])
-    return "\n\n".join(head + tables + notes) + "\n"
+        text.append(f"Whole image, {c['providers'][0]} vs CPU provider, {p['side_px']} px, {p['steps']} steps: PSNR "
+                    f"{value} (bound {p['bound_db']} dB: {'pass' if p['passed'] else 'FAIL'}), max 8-bit difference "
+                    f"{p['max_8bit_diff']}.")
+    text += [f"Errors: {'; '.join(r['errors'])}"] * bool(r["errors"])
+    return "\n\n".join(text) + "\n"
+
+
+def write_report(base: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
+    """OUT/gpu_ort.json and .md from what the phases wrote so far (called after every phase)."""
+    record = {**assemble(base, work), "wall_s": time.time() - base["started"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_ort.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "gpu_ort.md").write_text(markdown(record))
+    return record
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -597,14 +617,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         phases.insert(0, "export")
-    for stale in list(work.glob("phase_*.json")) + list(work.glob("finite_*.npy")):
+    for stale in [*work.glob("phase_*.json"), *work.glob("finite_*.npy"), *work.glob("step_*.npy")]:
         stale.unlink()
     idle = None if args.dry_run else smi("memory.used")
     args.idle_mib, args.deadline_at = float(idle[0]) if idle else 0.0, start + args.deadline
     args.torch_reserve = args.torch_reserve if "torch" in phases else 0.0
     (work / "config.json").write_text(json.dumps(vars(args)))
-    record: dict[str, Any] = {
-        "study": "gpu_ort", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    base: dict[str, Any] = {
+        "study": "gpu_ort", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "started": start,
         "command": harness.command_line(), "dry_run": args.dry_run, "work": str(work),
         "machine": {**harness.machine(), "gpu": {"name": "none (dry run)"} if args.dry_run else gpu_facts(),
                     "idle_mib": args.idle_mib},
@@ -612,30 +632,24 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [], "returncodes": {}}
     for name in phases:
         end = args.deadline_at - (args.torch_reserve if name != "torch" else 0)
-        budget = max(end - time.time(), 30) + 20  # the child stops optional items at `end` itself
+        budget = max(end - time.time(), 30) + 20  # the child skips optional items past `end` itself
         print(f"== phase {name} (at most {budget:.0f} s)", flush=True)
         try:
             code: Any = subprocess.run([sys.executable, "-u", str(Path(__file__).resolve()), "--phase", name,
                                         "--work", str(work)], check=False, timeout=budget, cwd=ROOT).returncode
         except subprocess.TimeoutExpired:
             code = "killed at its time limit"
-        record["returncodes"][name] = code
+        base["returncodes"][name] = code
         if code != 0:
-            record["errors"].append(f"phase {name} ended with {code}")
-            if name == "export":
-                break
-    record = clean(assemble(record, work))
-    record["wall_s"] = time.time() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_ort.json").write_text(json.dumps(record, indent=2) + "\n")
-    text = markdown(record)
-    (out / "gpu_ort.md").write_text(text)
-    print(text)
+            base["errors"].append(f"phase {name} ended with {code}")
+        write_report(base, work, Path(args.out))
+        if code != 0 and name == "export":
+            break
+    record = write_report(base, work, Path(args.out))
+    print(markdown(record))
     if not (args.work or args.skip_export):
         shutil.rmtree(work, ignore_errors=True)
     return 1 if record["errors"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

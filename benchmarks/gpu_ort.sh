@@ -11,24 +11,29 @@
 # onnx-graphsurgeon is not carried: nothing on the export path imports it. The wheels install with --no-deps
 # into /tmp (never into the image's site-packages); linfusion itself is imported from the checkout.
 #
-# 0. Here, on a machine that reaches PyPI, once:   bash benchmarks/gpu_ort.sh prepare
-#    (it prints the part count; below assumes 5 parts: 4 x 60 MiB and a 3.7 MiB one).
-# 1-4. Device calls, back to back (the machine is given back after ~30 s idle, and with it /tmp/gpu_ort):
+# 0. Here, on a machine that reaches PyPI, once: `bash benchmarks/gpu_ort.sh prepare` (it prints the part count;
+#    below: 5 parts, 4 x 60 MiB and a 3.7 MiB one). `/.device-carry/` must be ignored (.gitignore or
+#    .git/info/exclude), or the 255 MB would travel as untracked files and every call be refused (64 MiB).
+#    Then the device tool's `status` (free): can_start_another true and budget_left_s >= 780.
+# 1-4. Device calls, back to back, each issued as soon as the last returns (the machine goes back after 30 s
+#    idle, and /tmp/gpu_ort with it). Times are estimates; nothing here has run on the H200 yet.
 #    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-1"], timeout_s=120)
-#        first call: machine start 1-2 min, then ~20 s to send 63 MB
-#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-2"], timeout_s=120)   ~20-30 s
-#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-3"], timeout_s=120)   ~20-30 s
-#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-4"], timeout_s=120)   ~20-30 s
-#    Each prints "parts: have K of 5"; a missing one (machine given back) means: send it again.
+#        machine start 1-2 min, then the transfer of 63 MB
+#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-2"], timeout_s=120)   ~10-30 s
+#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-3"], timeout_s=120)   ~10-30 s
+#    run(command="bash benchmarks/gpu_ort.sh stage", carry=[".device-carry/ort-4"], timeout_s=120)   ~10-30 s
+#    Each prints "parts: have K of 5". Fewer than the calls so far: a fresh machine was started in between;
+#    carry the missing parts again.
 # 5. run(command="bash benchmarks/gpu_ort.sh run", carry=[".device-carry/ort-5", ".device-carry/wheels"],
 #        timeout_s=590)
-#    ~30 s setup (join, check, install), then gpu_ort.py with a 480 s deadline (sd15 fp16 export ~2-3 min,
-#    runtime ~2-3 min, PyTorch ~1.5 min). Comes back: $OUT/gpu_ort.{json,md,log}, $OUT/setup.log.
-#    While the machine is still warm, a rerun of step 5 reuses the export (/tmp/gpu_ort/work): ~5 min.
-# Then give_back. Total about 12-13 of the session's 15 device minutes. Extra arguments after `run` go to
-# gpu_ort.py (e.g. `run --sizes 1024,2048 --deadline 300`); PARITY=1 keeps the export's CPU parity check
-# (skipped by default: PyTorch fp16 on the CPU costs about a minute; the GPU run compares ORT with PyTorch
-# at 4096 px and the whole image with the CPU provider instead).
+#    ~30 s setup (join, check, install), then gpu_ort.py with a 480 s deadline: sd15 fp16 export (2-3 min
+#    expected), runtime phase (until 100 s before the deadline), PyTorch phase (~1-1.5 min). Comes back:
+#    $OUT/gpu_ort.json and .md (rewritten after every phase), gpu_ort.log, setup.log. Then give_back.
+#    Total about 11-13 of the 15 device minutes. If the run was cut short and >= 6 min are left while the
+#    machine is still warm, run step 5 again at once: it reuses the export in /tmp/gpu_ort/work (~5 min).
+# Arguments after `run` go to gpu_ort.py (e.g. `run --sizes 1024,2048 --deadline 300`). PARITY=1 keeps the
+# export's parity check (skipped by default to save time: PyTorch fp16 on the CPU is slow; the GPU run
+# compares ORT with PyTorch at 4096 px and the whole image with the CPU provider instead).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.device-carry}

@@ -219,6 +219,8 @@ def test_dry_run_writes_a_complete_record(dry_run):
     for x in r["ratios"]:
         assert x["eager_over_runtime"] > 0 and x["sdpa_over_runtime"] > 0
         assert x["target_met"] is None  # every dry-run size is under 1024 px
+        # the runtime's UNet output (fp16 export) against PyTorch's LinFusion UNet (fp32 on the CPU), same inputs
+        assert x["runtime_vs_eager"]["max_rel_error"] < 2e-2 and x["runtime_vs_eager"]["cosine"] > 0.9999
     rt, df = r["end_to_end"]["runtime"], r["end_to_end"]["diffusers_linfusion"]
     for key in ("total", "encode", "denoise", "decode", "unet_run_per_step_s", "device_mib"):
         assert rt[key] > 0, key
