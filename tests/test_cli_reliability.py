@@ -115,7 +115,8 @@ def test_generate_checks_every_numbered_output(tmp_path, no_loading, capsys):
 def test_generate_checks_the_scheduler_and_tensorrt_before_loading(tmp_path, no_loading, capsys, monkeypatch):
     from linfusion.runtime import schedulers
 
-    monkeypatch.delitem(schedulers.SCHEDULERS, "lcm")
+    # a registry without lcm, without reordering the real one
+    monkeypatch.setattr(schedulers, "SCHEDULERS", {k: v for k, v in schedulers.SCHEDULERS.items() if k != "lcm"})
     code = generate_cli.main([str(tmp_path), "--prompt", "x", "--scheduler", "lcm",
                               "--output", str(tmp_path / "a.png")])
     one_line_error(code, capsys.readouterr().err, "unknown scheduler 'lcm'")

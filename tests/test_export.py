@@ -42,7 +42,7 @@ def test_export_directory_layout_and_manifest(exported, preset, precision):
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == record["sha256"]
     unet = manifest.components["unet"]
     assert [t.name for t in unet.inputs][:3] == ["sample", "timestep", "encoder_hidden_states"]
-    assert unet.input("sample").shape == ["batch", 4, "height", "width"]
+    assert list(unet.input("sample").shape) == ["batch", 4, "height", "width"]
     assert unet.input("timestep").dtype == "float32"
     assert unet.outputs[0].name == "out_sample"
     if preset == "tiny-sdxl":
