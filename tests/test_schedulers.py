@@ -41,6 +41,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 BOTH = ("epsilon", "v_prediction")
 SHAPE = (2, 4, 8, 8)
 ATOL = 1e-5
+ZERO_SNR_ATOL = 1e-4
+"""Zero terminal SNR puts sigma at 4096 on the first step, where v-prediction's x0 is a difference of
+nearly equal terms: torch's vectorised float32 sqrt/exp round differently on different CPUs (AVX2 vs
+AVX-512 paths), and the amplified last bits measured 4.9e-5 (scaled) on a 2-core AMD EPYC
+(2026-11-30), against < 1e-5 on the Intel Xeon of earlier sessions; still 20x below any visible effect.
+The zero-SNR sigmas themselves (sqrt((1 - a) / a) with a near 0) agree to 3.2e-6 relative there."""
 GENERIC = [n for n in SCHEDULERS if n != "pndm"]
 """PNDM (no generator, no begin index in diffusers) has its own tests: test_schedulers_pndm.py."""
 
@@ -104,7 +110,8 @@ def compare_schedules(ours, ref, label):
     else:
         np.testing.assert_array_equal(ours.timesteps, ref_t, err_msg=f"{label}: timesteps")
     if isinstance(getattr(ref, "sigmas", None), torch.Tensor) and ref.num_inference_steps is not None:
-        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=5e-7, atol=0, err_msg=f"{label}: sigmas")
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5 if "zero-snr" in label else 5e-7, atol=0,
+                                   err_msg=f"{label}: sigmas")
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6), f"{label}: init sigma"
 
 
@@ -120,10 +127,11 @@ def denoise_both(ours, ref, latents, begin=0, seed=0, label=""):
         # second copy and overrun the schedule, in diffusers too; its SDXL pipeline sets index 0 first.
         ref.set_begin_index(0)
         ours.set_begin_index(0)
+    bound = ZERO_SNR_ATOL if "zero-snr" in label else ATOL
     for i, (t_ref, t_ours) in enumerate(steps):
         in_ref, in_ours = ref.scale_model_input(x_ref, t_ref), ours.scale_model_input(x_ours, t_ours)
         assert in_ours.dtype == np.float32
-        assert scaled_diff(in_ours, in_ref.numpy()) <= ATOL, f"{label}: model input {i}"
+        assert scaled_diff(in_ours, in_ref.numpy()) <= bound, f"{label}: model input {i}"
         out_ref = torch.from_numpy(stand_in_model(in_ref.numpy(), t_ref.item(), pattern))
         out_ours = stand_in_model(in_ours, t_ours, pattern)
         noise = torch.randn(SHAPE, generator=our_gen).numpy() if ours.needs_noise else None
@@ -131,7 +139,7 @@ def denoise_both(ours, ref, latents, begin=0, seed=0, label=""):
         x_ours = ours.step(out_ours, t_ours, x_ours, noise=noise)
         assert x_ours.dtype == np.float32 and x_ours.shape == SHAPE
         diff = scaled_diff(x_ours, x_ref.numpy())
-        assert diff <= ATOL, f"{label}: step {i} (t={t_ref.item()}) differs by {diff:.3g}"
+        assert diff <= bound, f"{label}: step {i} (t={t_ref.item()}) differs by {diff:.3g}"
 
 
 def scaled_diff(ours, ref):
@@ -150,7 +158,7 @@ def test_matches_diffusers(name, config, prediction, spacing):
     config = {**config, "prediction_type": prediction, "timestep_spacing": spacing}
     latents = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     for steps in STEPS:
-        label = f"{name} {steps} steps"
+        label = f"{name} {steps} steps" + (" zero-snr" if config.get("rescale_betas_zero_snr") else "")
         ours, ref = make_scheduler(name, config), reference(name, config)
         ours.set_timesteps(steps)
         ref.set_timesteps(steps)
