@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -41,7 +42,7 @@ class Gate:
             return
         start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        rid = headers.get("x-request-id", "")[:64] or uuid.uuid4().hex[:16]
+        rid = re.sub(r"[^A-Za-z0-9._-]", "", headers.get("x-request-id", ""))[:64] or uuid.uuid4().hex[:16]
         path = scope.get("path", "")
         state = scope.setdefault("state", {})
         status = [500]

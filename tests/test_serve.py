@@ -48,17 +48,33 @@ class Server:
                                          env={**os.environ, **(env or {})})
         self.client = httpx.Client(base_url=self.url, timeout=120)
 
-    def wait_ready(self, timeout=180):
+    def until(self, condition, what, timeout=60, pause=0.05):
+        """Poll ``condition()`` until true, at most ``timeout`` seconds."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log()}"
             try:
-                if self.client.get("/readyz", timeout=2).status_code == 200:
+                if condition():
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
+            time.sleep(pause)
+        raise AssertionError(f"{what} not within {timeout}s:\n{self.log()}")
+
+    def wait_ready(self):
+        return self.until(lambda: self.client.get("/readyz", timeout=2).status_code == 200, "ready", 180, 0.2)
+
+    def progress(self):
+        return self.client.get("/sdapi/v1/progress").json()["state"]
+
+    def wait_running(self):
+        return self.until(lambda: self.progress()["sampling_step"] >= 1, "a running job")
+
+    def wait_idle(self):
+        return self.until(lambda: self.progress()["job_count"] == 0, "idle")
+
+    def wait_queued(self, images=1):
+        return self.until(lambda: self.metric("linfusion_queue_depth") >= images, "a queued request", 30)
 
     def log(self):
         return self.log_path.read_text(errors="replace")
@@ -69,24 +85,6 @@ class Server:
         pattern = rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$"
         found = re.search(pattern, text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
-
-    def wait_running(self, timeout=60):
-        """Until a batch has run at least one step."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 1:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no job started within {timeout}s:\n{self.log()}")
-
-    def wait_idle(self, timeout=60):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            state = self.client.get("/sdapi/v1/progress").json()["state"]
-            if state["job_count"] == 0:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"server still busy after {timeout}s")
 
     def stop(self):
         self.client.close()
@@ -313,10 +311,7 @@ def test_full_queue_503_and_timeout_504_drop_the_work(tight):
         tight.url + "/v1/images/generations", json={"prompt": "b", **SMALL}, timeout=60,
         headers={"X-Request-Timeout": "1.5"})))
     waiter.start()
-    end = time.monotonic() + 30
-    while tight.metric("linfusion_queue_depth") < 1:
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    tight.wait_queued()
     full = tight.client.post("/v1/images/generations", json={"prompt": "c", **SMALL})
     assert_error(full, 503, "queue is full")
     assert int(full.headers["retry-after"]) >= 1
@@ -353,10 +348,8 @@ def test_disconnected_client_loses_its_queued_work(tight):
     thread = start_long(tight, results)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tight.url + "/v1/images/generations", json={"prompt": "gone", **SMALL}, timeout=1.0)
-    end = time.monotonic() + 10
-    while tight.metric("linfusion_requests_total", endpoint="/v1/images/generations", status="499") < 1:
-        assert time.monotonic() < end, tight.log()
-        time.sleep(0.05)
+    tight.until(lambda: tight.metric("linfusion_requests_total", endpoint="/v1/images/generations",
+                                     status="499") >= 1, "the disconnect", 10)
     assert tight.metric("linfusion_queue_depth") == 0
     tight.client.post("/sdapi/v1/interrupt")
     thread.join(120)
@@ -390,10 +383,7 @@ def test_sigterm_drains_then_exits_0(export, tmp_path):
         second = threading.Thread(target=lambda: results.update(b=httpx.post(
             s.url + "/v1/images/generations", json={"prompt": "queued", **SMALL}, timeout=180)))
         second.start()
-        end = time.monotonic() + 30
-        while s.metric("linfusion_queue_depth") < 1:
-            assert time.monotonic() < end
-            time.sleep(0.05)
+        s.wait_queued()
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert_error(s.client.post("/v1/images/generations", json={"prompt": "late", **SMALL}), 503, "shutting down")
@@ -405,6 +395,17 @@ def test_sigterm_drains_then_exits_0(export, tmp_path):
         assert results["b"].status_code == 200, results["b"].text  # queued at SIGTERM
         assert s.proc.wait(60) == 0
         assert "draining" in s.log()
+    finally:
+        s.stop()
+
+
+def test_a_broken_export_makes_the_server_exit_1(tmp_path):
+    (tmp_path / "empty-export").mkdir()
+    s = Server(tmp_path / "empty-export", tmp_path)
+    try:
+        assert s.proc.wait(120) == 1
+        errors = [line for line in s.log().splitlines() if "cannot load" in line]
+        assert len(errors) == 1 and str(tmp_path / "empty-export") in errors[0]
     finally:
         s.stop()
 
@@ -433,6 +434,12 @@ def test_serve_is_torch_free(export):
         from linfusion.serve import ServeConfig, create_app
         import linfusion.serve.cli, linfusion.serve.batcher
         app = create_app(ServeConfig({str(export)!r}))
+        try:
+            import ray.serve
+        except ImportError:
+            pass
+        else:
+            import linfusion.serve.ray
         assert_torch_free()
     """)
     assert result.returncode == 0, result.stderr
@@ -443,7 +450,7 @@ import json, sys, httpx, ray
 from ray import serve
 from linfusion.serve.ray import build
 
-export, port = sys.argv[1], int(sys.argv[2])
+export, port, result = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 try:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -456,9 +463,10 @@ try:
             break
     body = {"prompt": "a fox", "seed": 4, "size": "64x64", "num_inference_steps": 3, "scheduler": "euler"}
     image = httpx.post(url + "/v1/images/generations", json=body, timeout=300)
-    print(json.dumps({"instances": len(instances), "status": image.status_code, "body": image.json(),
-                      "models": httpx.get(url + "/v1/models", timeout=30).json(),
-                      "samplers": httpx.get(url + "/sdapi/v1/samplers", timeout=30).status_code}))
+    with open(result, "w") as f:
+        json.dump({"instances": len(instances), "status": image.status_code, "body": image.json(),
+                   "models": httpx.get(url + "/v1/models", timeout=30).json(),
+                   "samplers": httpx.get(url + "/sdapi/v1/samplers", timeout=30).status_code}, f)
 finally:
     serve.shutdown()
     ray.shutdown()
@@ -466,14 +474,14 @@ finally:
 
 
 @pytest.mark.slow
-def test_ray_serve_two_local_replicas(export, pipe):
+def test_ray_serve_two_local_replicas(export, pipe, tmp_path):
     """Two replicas on a local Ray cluster (CPU): both answer, and an image equals the runtime's."""
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]'); "
                                             "linfusion.serve.ray is untested here")
-    result = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(export), str(free_port())],
+    result = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(export), str(free_port()), str(tmp_path / "out")],
                             check=False, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads((tmp_path / "out").read_text())
     assert out["instances"] == 2 and out["samplers"] == 200
     assert out["models"]["data"][0]["id"] == "tiny-sd-fp32"
     assert out["status"] == 200, out["body"]
