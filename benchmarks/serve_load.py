@@ -1,11 +1,13 @@
 """Load test of linfusion-serve: N concurrent HTTP clients, throughput and latency percentiles.
 
-For each ``--max-batch`` value it starts ``linfusion-serve EXPORT`` on 127.0.0.1 (a free port),
-warms it up, sends ``--requests`` OpenAI-style requests from ``--clients`` threads (each its own
-httpx client, distinct prompts and seeds, one image each), and records throughput, p50/p95/p99
-latency, errors by status, the mean batch the server ran (from /metrics) and the server's RSS
-before and after the run. ``--url`` measures an already running server instead (loopback only).
-Everything is bounded: a request count, a per-configuration time limit, a per-request timeout.
+It starts one ``linfusion-serve EXPORT`` per ``--max-batch`` value on 127.0.0.1 (free ports) and,
+for each ``--size``, warms them up, then lets them take turns for ``--rounds`` rounds (so that the
+load of a shared machine hits every setting alike), each round sending its share of ``--requests``
+OpenAI-style requests from ``--clients`` threads (each its own httpx client; distinct prompts and
+seeds, one image each). It records throughput, p50/p95/p99 latency, errors by status, the mean
+batch the server ran (from /metrics) and the server's RSS before and after. ``--url`` measures an
+already running server instead (loopback only). Everything is bounded: request counts, a time
+limit per burst, a per-request timeout.
 
     python benchmarks/serve_load.py --export /tmp/tiny-sd --max-batch 1 4
     (a tiny export: linfusion-export --model tiny-sd --random-weights --output /tmp/tiny-sd)
@@ -47,11 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="server --batch-wait-ms")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--requests", type=int, default=48, help="measured requests per configuration")
+    p.add_argument("--rounds", type=int, default=3, help="turns the compared servers take (requests split evenly)")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests first (sequential)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=int, nargs="+", default=[64], help="image sides in pixels (each measured)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--scheduler", default="euler")
-    p.add_argument("--time-limit", type=float, default=600.0, help="seconds per configuration at most")
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per burst (one round, one server) at most")
     p.add_argument("--request-timeout", type=float, default=300.0, help="client timeout per request")
     p.add_argument("--threads", type=int, default=0, help="server ONNX Runtime threads (0: default)")
     p.add_argument("--output", default=str(RESULTS / "serve_load.json"))
@@ -115,23 +118,27 @@ def stop_server(proc: subprocess.Popen) -> int | None:
         return None
 
 
-def body(i: int, args: argparse.Namespace) -> dict[str, Any]:
+def body(i: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"prompt": f"test image {i}: a lighthouse on a cliff, variant {i % 7}", "seed": 1000 + i,
-            "size": f"{args.size}x{args.size}", "num_inference_steps": args.steps, "scheduler": args.scheduler}
+            "size": f"{size}x{size}", "num_inference_steps": args.steps, "scheduler": args.scheduler}
 
 
-def load(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Send ``--requests`` requests from ``--clients`` threads; latencies and statuses."""
+def warm(url: str, size: int, args: argparse.Namespace) -> None:
     import httpx
 
     with httpx.Client(base_url=url, timeout=args.request_timeout) as c:
         for i in range(args.warmup):
-            c.post("/v1/images/generations", json=body(-1 - i, args)).raise_for_status()
-        before = c.get("/metrics").text
+            c.post("/v1/images/generations", json=body(-1 - i, size, args)).raise_for_status()
+
+
+def burst(url: str, size: int, count: int, first: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``count`` requests from ``--clients`` threads: latencies, statuses, wall time, batch metrics."""
+    import httpx
+
+    before = httpx.get(url + "/metrics", timeout=30).text
     lock = threading.Lock()
-    counter = iter(range(args.requests))
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
+    counter = iter(range(first, first + count))
+    out: dict[str, Any] = {"latencies": [], "statuses": {}}
     deadline = time.monotonic() + args.time_limit
 
     def client() -> None:
@@ -143,14 +150,14 @@ def load(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     return
                 start = time.perf_counter()
                 try:
-                    status = str(c.post("/v1/images/generations", json=body(i, args)).status_code)
+                    status = str(c.post("/v1/images/generations", json=body(i, size, args)).status_code)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 seconds = time.perf_counter() - start
                 with lock:
-                    statuses[status] = statuses.get(status, 0) + 1
+                    out["statuses"][status] = out["statuses"].get(status, 0) + 1
                     if status == "200":
-                        latencies.append(seconds)
+                        out["latencies"].append(seconds)
 
     threads = [threading.Thread(target=client) for _ in range(args.clients)]
     start = time.perf_counter()
@@ -158,46 +165,81 @@ def load(url: str, args: argparse.Namespace) -> dict[str, Any]:
         t.start()
     for t in threads:
         t.join(args.time_limit + args.request_timeout)
-    wall = time.perf_counter() - start
+    out["wall"] = time.perf_counter() - start
     after = httpx.get(url + "/metrics", timeout=30).text
-    batch_sum = [a - b for a, b in zip(metric_sum_count(after, "linfusion_batch_size"),
-                                       metric_sum_count(before, "linfusion_batch_size"))]
-    ok = len(latencies)
-    pct = (lambda q: round(float(np.percentile(latencies, q)), 3)) if latencies else (lambda q: None)
-    return {"requests": sum(statuses.values()), "ok": ok, "errors": {k: v for k, v in statuses.items() if k != "200"},
-            "wall_s": round(wall, 2), "throughput_rps": round(ok / wall, 3) if wall else None,
+    out["batch"] = [a - b for a, b in zip(metric_sum_count(after, "linfusion_batch_size"),
+                                          metric_sum_count(before, "linfusion_batch_size"))]
+    return out
+
+
+def summary(bursts: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [x for b in bursts for x in b["latencies"]]
+    statuses: dict[str, int] = {}
+    for b in bursts:
+        for k, v in b["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    wall = sum(b["wall"] for b in bursts)
+    batch_sum, batch_count = (sum(b["batch"][i] for b in bursts) for i in (0, 1))
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(latencies, q)), 3) if latencies else None
+
+    return {"requests": sum(statuses.values()), "ok": len(latencies),
+            "errors": {k: v for k, v in statuses.items() if k != "200"}, "wall_s": round(wall, 2),
+            "throughput_rps": round(len(latencies) / wall, 3) if wall else None,
+            "throughput_rps_per_round": [round(len(b["latencies"]) / b["wall"], 3) for b in bursts],
             "latency_s": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
                           "mean": round(float(np.mean(latencies)), 3) if latencies else None},
-            "mean_batch": round(batch_sum[0] / batch_sum[1], 2) if batch_sum[1] else None,
-            "batches": int(batch_sum[1])}
+            "mean_batch": round(batch_sum / batch_count, 2) if batch_count else None, "batches": int(batch_count)}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("fastapi", "starlette", "uvicorn", "prometheus-client", "httpx", "uvloop", "httptools"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = []
-    if args.url:
-        if urlparse(args.url).hostname not in LOOPBACK:
-            print("serve_load: error: --url must be a loopback address (127.0.0.1, localhost or ::1)",
-                  file=sys.stderr)
-            return 2
-        runs.append({"max_batch": None, "url": args.url, **load(args.url, args)})
-    else:
-        logs = Path(tempfile.mkdtemp(prefix="serve_load_"))
-        for max_batch in args.max_batch:
-            proc, url = start_server(args.export, max_batch, args, logs / f"server-{max_batch}.log")
-            try:
-                rss_start = rss_mib(proc.pid)
-                result = load(url, args)
-                rss_end = rss_mib(proc.pid)
-            finally:
-                code = stop_server(proc)
-            runs.append({"max_batch": max_batch, "batch_wait_ms": args.batch_wait_ms, **result,
-                         "server_rss_mib": {"after_warmup": rss_start, "after_run": rss_end},
-                         "server_exit_code": code})
-            print(json.dumps(runs[-1]), flush=True)
+    if args.url and urlparse(args.url).hostname not in LOOPBACK:
+        print("serve_load: error: --url must be a loopback address (127.0.0.1, localhost or ::1)", file=sys.stderr)
+        return 2
+    servers: dict[Any, tuple[subprocess.Popen | None, str]] = {}
+    try:
+        if args.url:
+            servers[None] = (None, args.url)
+        else:
+            logs = Path(tempfile.mkdtemp(prefix="serve_load_"))
+            for max_batch in args.max_batch:
+                servers[max_batch] = start_server(args.export, max_batch, args, logs / f"server-{max_batch}.log")
+        for size in args.size:
+            for _, url in servers.values():
+                warm(url, size, args)
+            rss = {key: rss_mib(proc and proc.pid) for key, (proc, _) in servers.items()}
+            bursts: dict[Any, list[dict[str, Any]]] = {key: [] for key in servers}
+            per_round = max(1, args.requests // args.rounds)
+            for r in range(args.rounds):  # the compared servers take turns, so load changes hit all alike
+                for key, (_, url) in servers.items():
+                    bursts[key].append(burst(url, size, per_round, r * per_round, args))
+            for key, (proc, _) in servers.items():
+                runs.append({"max_batch": key, "size": size, "batch_wait_ms": args.batch_wait_ms,
+                             **summary(bursts[key]),
+                             "server_rss_mib": {"before": rss[key], "after": rss_mib(proc and proc.pid)}})
+                print(json.dumps(runs[-1]), flush=True)
+    finally:
+        codes = {key: stop_server(proc) for key, (proc, _) in servers.items() if proc is not None}
+    for run in runs:
+        run["server_exit_code"] = codes.get(run["max_batch"])
     record = {"study": "serve_load", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
-              "machine": machine(), "export": args.export,
-              "settings": {k: getattr(args, k) for k in ("clients", "requests", "warmup", "size", "steps",
+              "machine": machine(), "serve_packages": package_versions(), "export": args.export,
+              "settings": {k: getattr(args, k) for k in ("clients", "requests", "rounds", "warmup", "size", "steps",
                                                          "scheduler", "batch_wait_ms", "threads")},
               "runs": runs}
     output = Path(args.output)
@@ -205,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
     for run in runs:
-        print(f"max_batch {run['max_batch']}: {run['throughput_rps']} req/s, p50 {run['latency_s']['p50']} s, "
+        print(f"{run['size']} px, max_batch {run['max_batch']}: {run['throughput_rps']} req/s, p50 {run['latency_s']['p50']} s, "
               f"p95 {run['latency_s']['p95']} s, p99 {run['latency_s']['p99']} s, mean batch {run['mean_batch']}, "
               f"errors {run['errors'] or 0}")
     return 0
