@@ -1,0 +1,355 @@
+"""The memory guard: estimate a generation's peak memory before any model runs, and refuse
+requests that cannot fit.
+
+    footprint = Footprint.from_export(directory, manifest)
+    est = estimate(footprint, height=1024, width=1024, batch=1, cfg="batched", vae_tile=None,
+                   img2img=False, backend="onnxruntime")
+    check_fits(est, memory_limit or available_bytes("onnxruntime"))   # MemoryGuardError if not
+
+The model (constants fitted to measured peak RSS; formula, table and error in docs/memory.md):
+
+* ONNX Runtime (host RSS): ``BASE`` + ``WEIGHT_FACTOR`` x the loaded components' weights on disk,
+  plus every stage's activations *added up*: each ORT session keeps its CPU arena at its high-water
+  mark after a run, so the text encoder's, UNet's and VAE's arenas are all resident at the end.
+  From the second call with the same shapes on (2+ steps, sequential CFG, 2+ VAE tiles) a session
+  also holds its memory-pattern block: ``PATTERN_REPEAT`` x its first call's peak.
+* UNet per call: ``UNET_K`` elements per (UNet batch x first block width x latent pixel), the UNet
+  batch being 2 x batch with batched CFG; linear in pixels (LinFusion's attention is linear).
+* VAE decode per call: ``VAE_K`` elements per (batch x width entering the last decoder block x
+  decoded pixel) for the full-resolution convolutions, and ``ATTENTION_K`` x tokens^2 for the
+  mid-block's softmax attention over the decoded (tile) area, plus ``IMAGE_COPIES`` float32
+  full-size images held by numpy. The VAE encoder (img2img) likewise, with the outer width.
+* Activations count 4 bytes per element on ONNX Runtime whatever the export's precision, times
+  ``CAST_OVERHEAD`` for fp16 components (its CPU kernels compute fp16 graphs through fp32 casts);
+  the export's own element size on TensorRT.
+* TensorRT (device memory): weights + the largest stage, since the engines share one context
+  memory block and there is no memory pattern. Not calibrated: no TensorRT machine was available.
+
+Torch-free and cheap: nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+GIB = 2**30
+
+BASE = 96 * MIB
+"""Interpreter, numpy, onnxruntime, tokenizers and PIL before any session (measured 85-90 MiB)."""
+WEIGHT_FACTOR = 1.1
+"""Resident bytes per byte of weights on disk: ORT copies the initializers and pre-packs some
+(measured 1.06-1.10 on the fp32 sd15 export)."""
+TEXT_PER_PROMPT = 8 * MIB
+"""Text encoder arena per encoded prompt row (77 tokens; measured 2-6 MiB)."""
+UNET_K = 88.0
+"""Peak elements of one UNet call per (UNet batch x first block width x latent pixel)
+(measured 73-74 tiny-sd, 78-82 sd15)."""
+VAE_K = 6.1
+"""Peak elements of one decoder call per (batch x vae_block_channels[1] x decoded pixel), for the
+convolutions at full resolution (measured 5.4-6.4 tiny-sd, 4.5-6.0 sd15)."""
+VAE_ENCODER_K = 7.2
+"""Peak elements of one encoder call per (vae_block_channels[0] x encoded pixel) (measured 5.2-7.1
+tiny-sd, 5.1 sd15)."""
+ATTENTION_K = 2.4
+"""Peak elements per (latent tokens)^2 of the VAE mid-block's softmax attention: scores and softmax
+(measured 2.07-2.4 tiny-sd)."""
+IMAGE_COPIES = 4.0
+"""float32 full-size RGB images held at once after decode (output, tile accumulator, [0, 1], x255)."""
+ENCODE_IMAGE_COPIES = 2.0
+"""float32 full-size init images held while encoding (the [-1, 1] input, a tiled accumulator)."""
+PATTERN_REPEAT = 2.0
+"""Memory of a session after its second call with the same shapes, per first-call peak (measured 1.8-2.0)."""
+
+CAST_OVERHEAD = 1.2
+"""ONNX Runtime's x86 CPU kernels run fp16 graphs through casts to fp32: fp16 components' activations
+counted as fp32 times this (measured 1.06 UNet, 1.16 VAE decoder against the fp32 tiny-sd export)."""
+
+UNET_ALPHA_MIN = 1400.0
+"""Smallest UNet parameters / first-width^2 among the presets (tiny-sd 1432; sd15 8394; sdxl 25073):
+the fallback width sqrt(params / this) is never below the real one for them."""
+VAE_BETA_MIN = 600.0
+"""Smallest VAE decoder parameters / outer-width^2 among the presets (tiny 619; sd15/sdxl 3021)."""
+UNIT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+STAGES = ("text", "unet", "vae_decode", "vae_encode")
+
+
+class MemoryGuardError(ValueError):
+    """A request whose estimated peak memory exceeds what is available: one line naming the remedy."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the estimate needs to know about one export."""
+
+    weights: dict[str, int]
+    """Bytes on disk per component (ONNX file + external data)."""
+    element_size: dict[str, int]
+    """Bytes per element of each component's tensors (4 fp32, 2 fp16)."""
+    latent_channels: int
+    vae_factor: int
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    unet_block_channels: tuple[int, ...] | None = None
+    """diffusers' UNet block_out_channels; None for exports whose manifest lacks them."""
+    vae_block_channels: tuple[int, ...] | None = None
+    """diffusers' VAE block_out_channels (encoder order); None when the manifest lacks them."""
+
+    @classmethod
+    def from_export(cls, directory: str | Path, manifest: Any) -> Footprint:
+        directory = Path(directory)
+        weights, sizes = {}, {}
+        for name, spec in manifest.components.items():
+            files = [directory / spec.path]
+            if spec.external_data:  # relative to the export directory (older: to the ONNX file)
+                data = directory / spec.external_data
+                files.append(data if data.is_file() else (directory / spec.path).parent / spec.external_data)
+            weights[name] = sum(f.stat().st_size for f in files if f.is_file())
+            sizes[name] = UNIT_BYTES.get(spec.precision, 4)
+        facts = manifest.pipeline
+
+        def channels(key: str) -> tuple[int, ...] | None:
+            value = facts.get(key)
+            return tuple(int(c) for c in value) if value else None
+
+        return cls(weights, sizes, int(facts["latent_channels"]), int(facts["vae_scale_factor"]),
+                   tuple(facts.get("text_encoders", ("text_encoder",))),
+                   channels("unet_block_channels"), channels("vae_block_channels"))
+
+    def unet_width(self) -> int:
+        """The first UNet block's width, or a conservative stand-in from the weights size."""
+        if self.unet_block_channels:
+            return self.unet_block_channels[0]
+        params = self.weights.get("unet", 0) / self.element_size.get("unet", 4)
+        return max(math.ceil(math.sqrt(params / UNET_ALPHA_MIN)), 1)
+
+    def vae_widths(self) -> tuple[int, int]:
+        """The VAE's outer width and the next one (the upsampled input of the last decoder block)."""
+        if self.vae_block_channels:
+            chans = self.vae_block_channels
+            return chans[0], chans[1] if len(chans) > 1 else chans[0]
+        name = "vae_decoder" if "vae_decoder" in self.weights else "vae_encoder"
+        params = self.weights.get(name, 0) / self.element_size.get(name, 4)
+        outer = max(math.ceil(math.sqrt(params / VAE_BETA_MIN)), 1)
+        return outer, 2 * outer
+
+
+@dataclass
+class Estimate:
+    """Peak memory of one request in bytes, with where it comes from."""
+
+    total: int
+    weights: int
+    activations: int
+    stages: dict[str, int]
+    """Activation bytes per stage: text, unet, vae_decode, vae_encode."""
+    backend: str
+    request: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        r = self.request
+        size = f"{r.get('width')}x{r.get('height')}"
+        parts = [f"UNet {gib(self.stages['unet'])} at {size} batch {r.get('unet_batch')}"]
+        tile = r.get("vae_tile")
+        parts.append(f"VAE decode {gib(self.stages['vae_decode'])}"
+                     + (f" in {tile}x{tile} latent tiles" if tile else " untiled"))
+        if self.stages.get("vae_encode"):
+            parts.append(f"VAE encode {gib(self.stages['vae_encode'])}")
+        parts.append(f"weights {gib(self.weights)}")
+        return f"about {gib(self.total)} ({', '.join(parts)})"
+
+
+def gib(nbytes: float) -> str:
+    if nbytes >= 1024 * GIB:
+        return f"{nbytes / (1024 * GIB):.1f} TiB"
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / MIB:.0f} MiB"
+
+
+def tile_count(length: int, tile: int) -> int:
+    """Tiles along one side, as runtime/vae.py lays them out (overlap tile // 4)."""
+    if length <= tile:
+        return 1
+    return math.ceil((length - tile) / (tile - tile // 4)) + 1
+
+
+def repeats(calls: float) -> float:
+    """ORT's memory pattern: from the second call with the same shapes on, a session allocates the
+    planned peak as one block beside the arena chunks of the first call, so its memory doubles."""
+    return 1.0 if calls <= 1 else PATTERN_REPEAT
+
+
+def vae_peak(convolutions: float, attention: float, reuse: bool) -> float:
+    """Elements of a VAE call: the full-resolution convolutions and the mid-block attention run at
+    different times, but the arena only reuses the freed attention chunks for the convolutions when a
+    full-resolution tensor fits in half a chunk (tiny VAEs, huge tiles); otherwise both stay resident."""
+    return max(convolutions, attention) if reuse else convolutions + attention
+
+
+def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, cfg: str = "batched",
+             vae_tile: int | None = None, img2img: bool = False, backend: str = "onnxruntime",
+             steps: int | None = None) -> Estimate:
+    """Peak memory of one generation. ``cfg``: none, batched (UNet batch 2 x batch) or sequential;
+    ``vae_tile``: the latent tile side when the VAE runs tiled, else None; ``backend``: onnxruntime
+    (host RSS of the whole process) or tensorrt (device memory). ``steps``: UNet steps run; None
+    (default) assumes more than one, which is the larger case (see ``repeats``)."""
+    if cfg not in ("none", "batched", "sequential"):
+        raise ValueError(f"cfg must be none, batched or sequential, got {cfg!r}")
+    if min(height, width, batch) < 1 or (vae_tile is not None and vae_tile < 1):
+        raise ValueError(f"height, width, batch and vae_tile must be positive, got {height}, {width}, {batch}, "
+                         f"{vae_tile}")
+    f = footprint
+    trt = backend == "tensorrt"
+    lat_h, lat_w = max(height // f.vae_factor, 1), max(width // f.vae_factor, 1)
+    unet_batch = batch * (2 if cfg == "batched" else 1)
+    unit = {name: f.element_size.get(name, 4) if trt else 4 * (CAST_OVERHEAD if f.element_size.get(name) == 2 else 1)
+            for name in ("unet", "vae_decoder", "vae_encoder")}
+    stages = dict.fromkeys(STAGES, 0)
+
+    stages["text"] = int(TEXT_PER_PROMPT * batch * (1 if cfg == "none" else 2) * len(f.text_encoders))
+    calls = (math.inf if steps is None else steps) * (2 if cfg == "sequential" else 1)
+    stages["unet"] = int((1 if trt else repeats(calls)) * UNET_K * unet_batch * f.unet_width() * lat_h * lat_w
+                         * unit["unet"])
+
+    outer, inner = f.vae_widths()
+    tile_h, tile_w = (min(vae_tile, lat_h), min(vae_tile, lat_w)) if vae_tile else (lat_h, lat_w)
+    tiles = tile_count(lat_h, vae_tile) * tile_count(lat_w, vae_tile) if vae_tile else 1
+    tile_px = tile_h * tile_w * f.vae_factor**2
+    tokens2 = float(tile_h * tile_w) ** 2
+    attention = ATTENTION_K * tokens2
+    images = 0 if trt else IMAGE_COPIES * batch * 3 * height * width * 4  # host arrays, not device memory
+    again = 1 if trt else repeats(tiles)
+    decode = vae_peak(VAE_K * inner * tile_px, attention, 2 * inner * tile_px <= tokens2)
+    stages["vae_decode"] = int(again * batch * unit["vae_decoder"] * decode + images)
+    if img2img:  # the init image is encoded once, then repeated to the batch
+        encode = vae_peak(VAE_ENCODER_K * outer * tile_px, attention, 2 * outer * tile_px <= tokens2)
+        stages["vae_encode"] = int(again * unit["vae_encoder"] * encode
+                                   + (0 if trt else ENCODE_IMAGE_COPIES * 3 * height * width * 4))
+
+    loaded = [*f.text_encoders, "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
+    disk = sum(f.weights.get(name, 0) for name in loaded)
+    if trt:
+        weights, activations, base = disk, max(stages.values()), 0
+    else:
+        weights, activations, base = int(WEIGHT_FACTOR * disk), sum(stages.values()), BASE
+    request = {"height": height, "width": width, "batch": batch, "cfg": cfg, "unet_batch": unet_batch,
+               "vae_tile": vae_tile, "img2img": img2img, "steps": steps}
+    return Estimate(int(base + weights + activations), weights, int(activations), stages, backend, request)
+
+
+def check_fits(est: Estimate, limit_bytes: int) -> None:
+    """Raise MemoryGuardError (one line) when the estimate exceeds ``limit_bytes``."""
+    if est.total <= limit_bytes:
+        return
+    where = "of GPU memory " if est.backend == "tensorrt" else ""
+    raise MemoryGuardError(
+        f"this request needs {est.describe()}, {gib(max(limit_bytes, 0))} {where}are available; use a smaller "
+        f"size, cfg_mode='sequential', tile_vae, or memory_limit=... (--memory-limit) to override")
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_memory(text: str | int) -> int:
+    """"12G", "800M", "1.5GiB", "2048" (bytes) -> bytes. As in GNU coreutils: K/M/G/T and
+    KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match and match.group(2).lower()
+        if not match or unit not in _UNITS:
+            raise ValueError(f"cannot read memory size {text!r}; write e.g. 12G, 800M, 1.5GiB or a number "
+                             f"of bytes")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}; write e.g. 12G, 800M or 1.5GiB")
+    return value
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _inactive_file(stat: Path, key: str) -> int:
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_available(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Limit minus usage (less reclaimable page cache) of this process's memory cgroup, v2 or v1;
+    None when no limit applies. Every ancestor with a limit is considered."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, limit_name, usage_name, stat_key = root, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):
+            base, limit_name, usage_name, stat_key = (root / "memory", "memory.limit_in_bytes",
+                                                      "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for folder in {base / p for p in (rel, *rel.parents)}:
+            limit, usage = _read_int(folder / limit_name), _read_int(folder / usage_name)
+            if limit is None or usage is None or limit >= 2**60:
+                continue
+            free = limit - max(usage - _inactive_file(folder / "memory.stat", stat_key), 0)
+            best = free if best is None else min(best, free)
+    return None if best is None else max(best, 0)
+
+
+def host_available() -> int:
+    """MemAvailable from /proc/meminfo, capped by a cgroup limit; os.sysconf where there is no /proc."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limited = cgroup_available()
+    return available if limited is None else min(available, limited)
+
+
+def gpu_available(device: int = 0) -> int:
+    """Free memory of CUDA device ``device`` (cudaMemGetInfo through cuda-python)."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart  # cuda-python < 12.6
+    except ImportError as exc:
+        raise MemoryGuardError("cannot read free GPU memory: cuda-python is not installed; install it or "
+                               "pass memory_limit=... (--memory-limit)") from exc
+    err, *_ = cudart.cudaSetDevice(device)
+    err2, free, _total = cudart.cudaMemGetInfo()
+    if int(err) or int(err2):
+        raise MemoryGuardError(f"cannot read free GPU memory (CUDA error {int(err) or int(err2)}); pass "
+                               f"memory_limit=... (--memory-limit)")
+    return int(free)
+
+
+def available_bytes(backend: str = "onnxruntime") -> int:
+    """What a request may use: free GPU memory for tensorrt, else the host's available memory."""
+    return gpu_available() if backend == "tensorrt" else host_available()
