@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tiled VAE decode; auto tiles beyond twice the model's native size per side")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its own choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory the generation may use in all, e.g. 12G or 800M (default: what is available "
+                        "when it starts); a request estimated above it is refused before any model runs")
     p.add_argument("--output", default="out.png",
                    help="output image (.png, .jpg, .jpeg or .webp); with several images, _0, _1 ... are "
                         "inserted before the suffix")
@@ -97,6 +100,13 @@ def preflight(args: argparse.Namespace) -> list[Path]:
     for path in paths:
         if path != output:
             check_output_file(path, "--output")
+    if args.memory_limit is not None:
+        from .memory import parse_memory
+
+        try:
+            args.memory_limit = parse_memory(args.memory_limit)
+        except ValueError as exc:
+            raise CliError(f"--memory-limit: {exc}") from None
     if args.scheduler is not None:
         from .schedulers import SCHEDULERS
 
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         pipe = Pipeline.from_export(args.directory, backend=args.backend, verify=not args.no_verify,
-                                    intra_op_threads=args.threads)
+                                    intra_op_threads=args.threads, memory_limit=args.memory_limit)
         load_time = time.perf_counter() - start
         tile = {"auto": None, "on": True, "off": False}[args.tile_vae]
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

@@ -110,14 +110,17 @@ class Footprint:
                 files.append(data if data.is_file() else (directory / spec.path).parent / spec.external_data)
             weights[name] = sum(f.stat().st_size for f in files if f.is_file())
             sizes[name] = UNIT_BYTES.get(spec.precision, 4)
-        facts = manifest.pipeline
+        facts = manifest.pipeline  # PipelineFacts (a plain dict in manifests read by older code)
+
+        def get(key: str, default: Any = None) -> Any:
+            return facts.get(key, default) if isinstance(facts, dict) else getattr(facts, key, default)
 
         def channels(key: str) -> tuple[int, ...] | None:
-            value = facts.get(key)
+            value = get(key)
             return tuple(int(c) for c in value) if value else None
 
-        return cls(weights, sizes, int(facts["latent_channels"]), int(facts["vae_scale_factor"]),
-                   tuple(facts.get("text_encoders", ("text_encoder",))),
+        return cls(weights, sizes, int(get("latent_channels")), int(get("vae_scale_factor")),
+                   tuple(get("text_encoders", ("text_encoder",))),
                    channels("unet_block_channels"), channels("vae_block_channels"))
 
     def unet_width(self) -> int:

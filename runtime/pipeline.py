@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import vae
+from . import memory, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -47,7 +47,8 @@ class Pipeline:
 
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, ModelRunner],
                  tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str,
-                 deferred: dict[str, Callable[[], ModelRunner]] | None = None) -> None:
+                 deferred: dict[str, Callable[[], ModelRunner]] | None = None,
+                 memory_limit: int | str | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.runners = runners
@@ -60,15 +61,19 @@ class Pipeline:
         self.text = TextStack(tokenizers, [runners[n] for n in self.facts.text_encoders], self.xl)
         self.vae_factor = self.facts.vae_scale_factor
         self.latent_tile = self.facts.native_latent_side
+        self.memory_limit = None if memory_limit is None else memory.parse_memory(memory_limit)
+        self.footprint = memory.Footprint.from_export(directory, manifest)
 
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
                     verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
-                    io_binding: bool = True) -> Pipeline:
+                    io_binding: bool = True, memory_limit: int | str | None = None) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
         importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
         ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
-        {"device_id": 1}}``), ``io_binding`` for the denoising loop (see backends/onnxruntime.py)."""
+        {"device_id": 1}}``), ``io_binding`` for the denoising loop (see backends/onnxruntime.py).
+        ``memory_limit``: bytes (or "12G") a generation may use in all; default: what is available
+        when it starts. Requests estimated above it are refused before any model runs."""
         import json
 
         directory = Path(directory)
@@ -92,7 +97,7 @@ class Pipeline:
         except (OSError, ValueError) as exc:
             raise ManifestError(f"{directory}: cannot read scheduler/scheduler_config.json ({exc}); "
                                 f"re-export the model") from exc
-        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred)
+        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
 
     def runner(self, name: str) -> ModelRunner:
         """The loaded component, loading a deferred one on first use (once, thread-safe)."""
@@ -111,12 +116,14 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None, image: Any = None,
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
-                 cfg_mode: str = "batched", tile_vae: bool | None = None,
+                 cfg_mode: str = "batched", tile_vae: bool | None = None, memory_limit: int | str | None = None,
                  callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
         """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``)."""
-        names = [f.name for f in fields(GenerationRequest)]
-        values = locals()
-        return self.generate(GenerationRequest(**{n: values[n] for n in names}), callback)
+        request = GenerationRequest(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed, scheduler,
+            num_images_per_prompt, latents, image, strength, output_type, guidance_rescale, cfg_mode, tile_vae,
+            memory_limit)
+        return self.generate(request, callback)
 
     def generate(self, request: GenerationRequest,
                  callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
@@ -207,7 +214,37 @@ class Pipeline:
                 raise GenerationError("latents contain NaN or infinite values")
             plan.latents = latents
         self._check_engine_shapes(plan)
+        self._check_memory(plan, request.memory_limit)
         return plan
+
+    def _check_memory(self, plan: Plan, limit: int | str | None) -> None:
+        """Refuse a request whose estimated peak does not fit (``runtime.memory``, calibrated in
+        docs/memory.md); batched classifier-free guidance falls back to sequential (same images)
+        when only that fits."""
+        try:
+            limit = self.memory_limit if limit is None else memory.parse_memory(limit)
+        except ValueError as exc:
+            raise GenerationError(str(exc)) from exc
+        resident = 0
+        if limit is None:  # what is free now, plus what this pipeline already holds (its weights)
+            limit = memory.available_bytes(self.backend)
+            resident = self._estimate(plan, plan.cfg_mode).weights + (0 if self.backend == "tensorrt" else memory.BASE)
+        modes = [plan.cfg_mode] + (["sequential"] if plan.cfg and plan.cfg_mode == "batched" else [])
+        for mode in modes:
+            estimate = self._estimate(plan, mode)
+            if estimate.total <= limit + resident:
+                plan.cfg_mode, plan.memory = mode, estimate
+                return
+        try:
+            memory.check_fits(self._estimate(plan, modes[-1]), limit + resident)
+        except memory.MemoryGuardError as exc:
+            raise GenerationError(str(exc)) from exc
+
+    def _estimate(self, plan: Plan, cfg_mode: str) -> memory.Estimate:
+        tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
+        return memory.estimate(self.footprint, height=plan.height, width=plan.width, batch=plan.batch,
+                               cfg=cfg_mode if plan.cfg else "none", vae_tile=tiling.tile if tiling else None,
+                               img2img=plan.init_image is not None, backend=self.backend, steps=plan.steps)
 
     def _check_engine_shapes(self, plan: Plan) -> None:
         lat = self._latent_shape(plan)

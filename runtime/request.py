@@ -51,6 +51,9 @@ class GenerationRequest:
     cfg_mode: str = "batched"
     tile_vae: bool | None = None
     """None: tiled beyond twice the model's native size per side."""
+    memory_limit: int | str | None = None
+    """Bytes (or "12G") this generation may use in all; None: the pipeline's limit, else the memory
+    available now (``runtime.memory``). A request estimated above it is refused before any model runs."""
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Plan:
     strength: float | None = None
     init_image: np.ndarray | None = None
     latents: np.ndarray | None = None
+    memory: Any = None
+    """The memory estimate the plan was admitted with (``runtime.memory.Estimate``)."""
 
     @property
     def batch(self) -> int:
