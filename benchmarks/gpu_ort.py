@@ -158,10 +158,12 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[dict[str, A
 
 
 def unet_feed(batch: int, latent: int, channels: int, context: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from linfusion.runtime.contract import UNetIO as IO
+
     rng = np.random.RandomState(seed)
-    return {"sample": rng.standard_normal((batch, channels, latent, latent)).astype(np.float16),
-            "timestep": np.full(batch, 500.0, dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, 77, context)).astype(np.float16)}
+    return {IO.sample: rng.standard_normal((batch, channels, latent, latent)).astype(np.float16),
+            IO.timestep: np.full(batch, 500.0, dtype=np.float32),
+            IO.encoder_hidden_states: rng.standard_normal((batch, 77, context)).astype(np.float16)}
 
 
 def finite_summary(out: np.ndarray) -> dict[str, Any]:
@@ -270,12 +272,14 @@ def phase_ort(args: argparse.Namespace, work: Path, rec: Phase) -> None:
     if cuda and (used or ["?"])[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"the UNet session runs on {used}, not CUDA: the CUDA provider did not load "
                            f"(see preload_dlls' messages above)")
-    channels, context = unet.spec.input("sample").shape[1], unet.spec.input("encoder_hidden_states").shape[2]
+    from linfusion.runtime.contract import UNetIO as IO
+
+    channels, context = unet.spec.input(IO.sample).shape[1], unet.spec.input(IO.encoder_hidden_states).shape[2]
 
     def steps(side: int) -> None:
         feed = unet_feed(args.batch, side // pipe.vae_factor, channels, context)
         poller.mark()
-        row, out = timed(lambda: unet.run(feed, ["out_sample"])["out_sample"], args.warmup, args.repeats)
+        row, out = timed(lambda: unet.run(feed, [IO.out_sample])[IO.out_sample], args.warmup, args.repeats)
         np.save(work / f"step_runtime_{side}.npy", out)
         rec.add("unet_step", {"engine": "runtime", "side_px": side, "batch": args.batch, **row,
                               "device_mib": poller.peak()})
@@ -312,13 +316,13 @@ def phase_ort(args: argparse.Namespace, work: Path, rec: Phase) -> None:
         feed = unet_feed(1, side // pipe.vae_factor, channels, context, seed=1)
         poller.mark()
         start = time.perf_counter()
-        out = unet.run(feed, ["out_sample"])["out_sample"]
+        out = unet.run(feed, [IO.out_sample])[IO.out_sample]
         np.save(work / f"finite_runtime_{side}.npy", out)
         rec.add("finite", {"side_px": side, "batch": 1, "seconds": time.perf_counter() - start,
                            **finite_summary(out), "device_mib": poller.peak()})
 
     def against_cpu() -> None:
-        from linfusion.export.validation.tolerances import IMAGE_TOLERANCES
+        from linfusion.export.comparison.tolerances import IMAGE_TOLERANCES
 
         cpu = Pipeline.from_export(work / "export", backend="onnxruntime", providers=["CPUExecutionProvider"],
                                    verify=False)
@@ -362,7 +366,9 @@ def phase_torch(args: argparse.Namespace, work: Path, rec: Phase) -> None:
     channels, context = sdpa.config.in_channels, sdpa.config.cross_attention_dim
 
     def call(module: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
-        inputs = [torch.from_numpy(feed[k]).to(device) for k in ("sample", "timestep", "encoder_hidden_states")]
+        from linfusion.runtime.contract import UNetIO as IO
+
+        inputs = [torch.from_numpy(feed[k]).to(device) for k in (IO.sample, IO.timestep, IO.encoder_hidden_states)]
         inputs[0], inputs[2] = inputs[0].to(dtype), inputs[2].to(dtype)
 
         def run() -> Any:

@@ -152,9 +152,10 @@ def check_files(directory: Path, manifest: Manifest, hashes: bool = True) -> dic
     return problems
 
 
-def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and check ``linfusion.json``. The manifest's own checksum, the presence and the size of
-    every recorded file are always checked; ``verify`` adds the sha256 of every file."""
+def load_manifest(directory: str | Path, verify: bool = True, files: bool = True) -> Manifest:
+    """Read and check ``linfusion.json``. The manifest's own checksum is always checked, the presence
+    and the size of every recorded file unless ``files`` is False (for a caller that reports file
+    problems itself, like ``linfusion-validate --checksums report``); ``verify`` adds the sha256."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ManifestError(f"export directory not found: {directory}")
@@ -165,7 +166,8 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is corrupt: {exc}") from exc
-    verify_files(directory, manifest, hashes=verify)
+    if files:
+        verify_files(directory, manifest, hashes=verify)
     return manifest
 
 

@@ -74,8 +74,8 @@ def test_component_profiles_follow_the_manifest(sd_export):
     assert low == [1, 4, 128 // factor, 128 // factor] and high[0] == 8  # CFG doubles the batch
     assert opt[0] == 2 and unet[1].shapes["sample"][2][2:] == [512 // factor] * 2
     assert unet[1].shapes["sample"][0][2:] == [128 // factor] * 2, "nested: 512x128 must fit a profile"
-    assert unet[0].shapes["encoder_hidden_states"][0][1:] == manifest.components["unet"].input(
-        "encoder_hidden_states").shape[1:]
+    assert unet[0].shapes["encoder_hidden_states"][0][1:] == list(manifest.components["unet"].input(
+        "encoder_hidden_states").shape[1:])
     text = component_profiles(manifest, "text_encoder", spatial, batch)
     assert len(text) == 1 and text[0].shapes["input_ids"] == [[1, 77], [2, 77], [8, 77]]
     vae = component_profiles(manifest, "vae_decoder", spatial, batch)

@@ -46,7 +46,7 @@ def test_psnr_hand_values_and_the_validation_implementation():
     assert go.psnr(a, a + 0.01) == pytest.approx(40.0)
     assert go.psnr(a, a) is None
     from linfusion.export.validation.end_to_end import EndToEndSettings, compare_images
-    from linfusion.export.validation.tolerances import IMAGE_TOLERANCES
+    from linfusion.export.comparison.tolerances import IMAGE_TOLERANCES
 
     rng = np.random.default_rng(0)
     x = rng.random((1, 16, 16, 3))
@@ -149,8 +149,8 @@ def test_linfusion_imports_from_the_checkout_with_nothing_installed():
         spec = importlib.util.spec_from_file_location("g", {str(SCRIPT)!r})
         g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
         how = g.use_checkout()
-        import linfusion.runtime.pipeline, linfusion.export.validation.tolerances, linfusion.presets
-        print("|".join([how, linfusion.runtime.pipeline.__file__, linfusion.export.validation.tolerances.__file__,
+        import linfusion.runtime.pipeline, linfusion.export.comparison.tolerances, linfusion.presets
+        print("|".join([how, linfusion.runtime.pipeline.__file__, linfusion.export.comparison.tolerances.__file__,
                         linfusion.presets.__file__, str("torch" in sys.modules)]))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
@@ -159,7 +159,7 @@ def test_linfusion_imports_from_the_checkout_with_nothing_installed():
     how, pipeline, tolerances, presets, torch_loaded = done.stdout.strip().split("|")
     assert how.startswith("checkout")
     assert pipeline == str(ROOT / "runtime" / "pipeline.py")
-    assert tolerances == str(ROOT / "export" / "validation" / "tolerances.py")
+    assert tolerances == str(ROOT / "export" / "comparison" / "tolerances.py")
     assert presets == str(ROOT / "linfusion" / "presets.py") and torch_loaded == "False"
 
 

@@ -126,7 +126,7 @@ def test_exports_and_engines_get_the_umasks_permissions(tmp_path, tiny_sd, monke
     from linfusion.engines.profiles import Range, spatial_profiles
     from linfusion.runtime.manifest import load_manifest
 
-    monkeypatch.setattr(B, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.12.0.36"))
+    monkeypatch.setattr(B, "builder_tensorrt", lambda: types.SimpleNamespace(__version__="10.12.0.36"))
     monkeypatch.setattr(B, "gpu_info", lambda: ("Fake GPU", "9.0"))
     monkeypatch.setattr(B, "build_engine", lambda trt, path, profiles, options, log: memoryview(b"plan"))
     out = tmp_path / "export"

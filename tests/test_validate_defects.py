@@ -54,9 +54,9 @@ def freeze_token_count(tokens):
     """The LinearAttention function's N as a constant: the scale frozen at one resolution."""
     def edit(model):
         (function,) = [f for f in model.functions if f.name == "LinearAttention"]
-        index = next(i for i, node in enumerate(function.node) if list(node.output) == ["tokens"])
+        index = next(i for i, node in enumerate(function.node) if list(node.output) == ["tokens_1d"])
         function.node[index].CopyFrom(helper.make_node(
-            "Constant", [], ["tokens"], value=numpy_helper.from_array(np.array(tokens, np.int64))))
+            "Constant", [], ["tokens_1d"], value=numpy_helper.from_array(np.array([tokens], np.int64))))
     return edit
 
 

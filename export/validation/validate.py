@@ -64,7 +64,7 @@ class _Reference:
 def validate(options: Options, progress: Callable[[str], None] = print) -> ValidationReport:
     export_dir = Path(options.export_dir)
     try:
-        manifest = load_manifest(export_dir, verify=False)
+        manifest = load_manifest(export_dir, verify=False, files=False)
     except ManifestError as exc:
         raise ValidationInputError(str(exc)) from exc
     checksums = _checksums(export_dir, manifest, options.checksums)
