@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installe
 pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-client) is not installed")
 
 SMALL = {"size": "64x64", "num_inference_steps": 3}
-LONG = {"width": 128, "height": 128, "steps": 150, "seed": 1}
+LONG = {"width": 128, "height": 128, "steps": 150, "seed": 1, "sampler_name": "Euler"}  # one UNet call a step
 """An A1111 job long enough to still be running while a test acts; tests end it with /interrupt."""
 
 
