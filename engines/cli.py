@@ -9,7 +9,16 @@ from pathlib import Path
 from linfusion.runtime.manifest import ManifestError, load_manifest
 
 from .kernel_build import KERNEL_CHOICES
-from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
+from .profiles import (
+    ProfileError,
+    check_limits,
+    largest_square_side,
+    parse_batch,
+    parse_sizes,
+    spatial_profiles,
+)
+
+DEFAULT_MAX_SIDE = 2048
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="engines directory (default: EXPORT_DIR/engines)")
     p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels (default 512)")
     p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for (default 1024)")
-    p.add_argument("--max-size", type=int, default=2048, help="largest image side in pixels (default 2048)")
+    p.add_argument("--max-size", type=int, help="largest image side in pixels, up to the largest square within "
+                   "the export's --max-size (default 2048, or that square's side where smaller)")
     p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each)")
     p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
                    "UNet range is doubled for classifier-free guidance")
@@ -47,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.export_dir)
         multiple = manifest.pixel_multiple
+        sides = (args.min_size, args.opt_size, args.max_size)
+        if args.max_size is None:  # the default range, shrunk to fit a small export's max size
+            max_side = min(DEFAULT_MAX_SIDE, largest_square_side(manifest) or DEFAULT_MAX_SIDE)
+            sides = (min(args.min_size, max_side), min(args.opt_size, max_side), max_side)
         spatial = spatial_profiles(multiple, sizes=parse_sizes(args.sizes)) if args.sizes else spatial_profiles(
-            multiple, args.min_size, args.opt_size, args.max_size)
+            multiple, *sides)
         batch = parse_batch(args.batch)
+        check_limits(manifest, spatial, batch)
     except (ManifestError, ProfileError) as exc:
         return fail(str(exc))
     from .builder import BuildOptions, build_all
