@@ -64,9 +64,11 @@ def check_max_size(size: tuple[int, int], pixel_multiple: int, vae_factor: int) 
         raise TensorLimitError(f"--max-size must be a positive (width, height), got {size!r}")
     width, height = size
     if width % pixel_multiple or height % pixel_multiple:
-        raise TensorLimitError(f"--max-size {width}x{height} must be a multiple of {pixel_multiple} pixels per side")
+        raise TensorLimitError(f"--max-size {width}x{height} must be a multiple of {pixel_multiple} pixels "
+                               f"per side")
     if max(size) > MAX_LATENT * vae_factor:
-        raise TensorLimitError(f"--max-size {width}x{height}: sides up to {MAX_LATENT * vae_factor} pixels are supported")
+        raise TensorLimitError(f"--max-size {width}x{height}: sides up to {MAX_LATENT * vae_factor} pixels "
+                               f"are supported")
 
 
 # --- shape-only runs ----------------------------------------------------------------------------
@@ -123,10 +125,12 @@ class _Recorder(TorchDispatchMode):
 def _display_names(root: nn.Module) -> dict[nn.Module, str]:
     """Module -> path, without the wrapper's own attribute (``unet.``, ``vae.``, ``encoder.``)."""
     children = list(root.named_children())
-    strip = children[0][0] + "." if len(children) == 1 else ""
+    prefix = children[0][0] if len(children) == 1 else None
     names = {}
     for name, module in root.named_modules():
-        names.setdefault(module, name[len(strip):] if name.startswith(strip) else ("" if name == strip[:-1] else name))
+        if prefix is not None and (name == prefix or name.startswith(prefix + ".")):
+            name = name[len(prefix) + 1:]
+        names.setdefault(module, name)
     return names
 
 
@@ -154,7 +158,8 @@ def _module_scopes(root: nn.Module, out: Measurement) -> Iterator[list[str]]:
             handle.remove()
 
 
-def meta_inputs(component: Component, batch: int, size: tuple[int, int], vae_factor: int) -> tuple[torch.Tensor, ...]:
+def meta_inputs(component: Component, batch: int, size: tuple[int, int],
+                vae_factor: int) -> tuple[torch.Tensor, ...]:
     """Meta tensors shaped like ``component``'s inputs at ``size`` = (width, height) pixels."""
     width, height = size
     tensors = []
@@ -243,8 +248,9 @@ class ChunkPlan:
 
 def _refusal(component: str, record: TensorRecord, size: tuple[int, int], limit: int) -> TensorLimitError:
     return TensorLimitError(
-        f"{component}: tensor {record.describe()} has {record.elements:,} elements at {size[0]}x{size[1]}, above the "
-        f"tensor limit of {limit:,}, and cannot be chunked; lower --max-size or raise --tensor-limit")
+        f"{component}: tensor {record.describe()} has {record.elements:,} elements at {size[0]}x{size[1]}, "
+        f"above the tensor limit of {limit:,}, and cannot be chunked; lower --max-size or raise "
+        f"--tensor-limit")
 
 
 def _initial_chunks(measured: Measurement, targets: list[str], limit: int, component: str,
@@ -297,20 +303,22 @@ def plan_unet(component: Component, max_size: tuple[int, int], limit: int, vae_f
     else:
         raise _refusal(name, max(over, key=lambda r: r.elements), max_size, limit)
     largest = checked.largest()
-    batch2 = largest_batch2_size(component, chunks, max_size, limit, vae_factor, pixel_multiple, largest.elements)
+    batch2 = largest_batch2_size(component, chunks, max_size, limit, vae_factor, pixel_multiple,
+                                 largest.elements)
     return ChunkPlan(chunks, largest, batch2, _trace_size(component, chunks, measured, max_size, vae_factor))
 
 
-def _trace_size(component: Component, chunks: dict[str, int], measured: Measurement, max_size: tuple[int, int],
-                vae_factor: int) -> tuple[int, int]:
+def _trace_size(component: Component, chunks: dict[str, int], measured: Measurement,
+                max_size: tuple[int, int], vae_factor: int) -> tuple[int, int]:
     """The component's trace size, scaled up until every window has two tokens or more."""
-    area = (max_size[0] // vae_factor) * (max_size[1] // vae_factor)  # token counts scale with the latent area
+    area = (max_size[0] // vae_factor) * (max_size[1] // vae_factor)  # tokens scale with the latent area
     height, width = component.trace_size
     for scale in range(1, max_size[1] // vae_factor // height + 1):
         trace_area = height * width * scale * scale
         if all(measured.inputs[name][1] * trace_area // area >= 2 * k for name, k in chunks.items() if k > 1):
             return height * scale, width * scale
-    raise TensorLimitError(f"{component.name}: the tensor limit leaves token windows of one token; raise --tensor-limit")
+    raise TensorLimitError(f"{component.name}: the tensor limit leaves token windows of one token; "
+                           f"raise --tensor-limit")
 
 
 def largest_batch2_size(component: Component, chunks: dict[str, int], max_size: tuple[int, int], limit: int,

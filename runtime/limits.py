@@ -36,9 +36,9 @@ def check_size(facts: PipelineFacts, width: int, height: int) -> None:
     if facts.max_size is None or within(facts.max_size, width, height):
         return
     w, h = facts.max_size
-    raise GenerationError(f"{width}x{height} is beyond this export's maximum size {w}x{h} (at most {w * h:,} pixels "
-                          f"and a side of {max(w, h)}); re-export with linfusion-export --max-size "
-                          f"{width}x{height} or ask for a smaller image")
+    raise GenerationError(f"{width}x{height} is beyond this export's maximum size {w}x{h} (at most "
+                          f"{w * h:,} pixels and a side of {max(w, h)}); re-export with linfusion-export "
+                          f"--max-size {width}x{height} or ask for a smaller image")
 
 
 def max_unet_batch(facts: PipelineFacts, width: int, height: int) -> int | None:
@@ -67,7 +67,7 @@ def cfg_mode_for(facts: PipelineFacts, width: int, height: int, batch: int, requ
     if batch > fits:
         if fits == 0:
             check_size(facts, width, height)
-        raise GenerationError(f"{batch} images at once at {width}x{height} would put UNet tensors above this "
-                              f"export's limit of {facts.tensor_limit:,} elements; generate at most {fits} at a "
-                              f"time at this size")
+        raise GenerationError(f"{batch} images at once at {width}x{height} would put UNet tensors above "
+                              f"this export's limit of {facts.tensor_limit:,} elements; generate at most "
+                              f"{fits} at a time at this size")
     return requested if 2 * batch <= fits else "sequential"
