@@ -118,12 +118,16 @@ class Pipeline:
         values = locals()
         return self.generate(GenerationRequest(**{n: values[n] for n in names}), callback)
 
-    def generate(self, request: GenerationRequest,
-                 callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
-        """Run one request: checked first (``plan``), then encode, denoise, decode."""
+    # HIRES PATCH (branch hires; to be applied on main): ``generator`` lets runtime/hires.py consume
+    # one generator across the stages of a chain, as diffusers does with one torch.Generator.
+    def generate(self, request: GenerationRequest, callback: Callable[[int, int], None] | None = None,
+                 generator: TorchCompatibleGenerator | None = None) -> PipelineOutput:
+        """Run one request: checked first (``plan``), then encode, denoise, decode. ``generator``:
+        draw from it instead of a fresh one seeded with the plan's seed (the hires chain)."""
         start = time.perf_counter()
         plan = self.plan(request)
-        generator = TorchCompatibleGenerator(plan.seed)
+        generator = TorchCompatibleGenerator(plan.seed) if generator is None else generator
+        # END HIRES PATCH
         timings: dict[str, float] = {}
         tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
 
