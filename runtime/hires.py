@@ -131,7 +131,7 @@ def stages(hires: Hires, width: int, height: int, steps: int, native: int, multi
         return [Stage(0, width, height, None, steps)]
     target = f"{width}x{height}"
     if hires.base is not None:
-        base_w, base_h = hires.base
+        base_w, base_h = (whole("hires base side", side, 1) for side in hires.base)
         if base_w > width or base_h > height:
             raise GenerationError(f"hires base {base_w}x{base_h} is larger than the target {target}; "
                                   f"choose a smaller base")
@@ -275,3 +275,25 @@ def run_chain(pipe: Any, request: GenerationRequest, hires: Hires,
     result.timings = {**totals, "unet_per_step": records[-1]["unet_per_step"],
                       "total": time.perf_counter() - start, "stages": records}
     return result
+
+
+def add_cli_arguments(parser: Any) -> None:
+    """``--hires auto|off``, ``--hires-base WxH``, ``--hires-strengths``, ``--hires-steps`` (argparse)."""
+    parser.add_argument("--hires", default="auto", choices=MODES,
+                        help="auto: reach sizes beyond twice the native side in x2 img2img stages (SDEdit)")
+    parser.add_argument("--hires-base", help="size of the text-to-image stage, WxH (default: the auto rule)")
+    parser.add_argument("--hires-strengths", help="img2img strength per upscale stage, e.g. 0.4,0.3,0.2,0.1")
+    parser.add_argument("--hires-steps", help="denoising steps the upscale stages are scheduled with")
+
+
+def from_cli(args: Any) -> Hires:
+    """The ``Hires`` of parsed ``add_cli_arguments`` options (GenerationError for bad strings)."""
+    return Hires.parse(args.hires, args.hires_base, args.hires_strengths, args.hires_steps)
+
+
+def stage_line(record: dict[str, Any]) -> str:
+    """One line per stage for a CLI, from ``timings["stages"]``."""
+    kind = "text-to-image" if record["strength"] is None else f"img2img {record['strength']:g}"
+    return (f"stage {record['stage']}: {record['width']}x{record['height']} {kind}, {record['cfg_mode']} CFG; "
+            f"encode {record['encode']:.2f}s, UNet {record['unet_per_step']:.3f}s/step, denoise "
+            f"{record['denoise']:.2f}s, decode {record['decode']:.2f}s, total {record['total']:.2f}s")

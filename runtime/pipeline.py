@@ -224,12 +224,19 @@ class Pipeline:
         except ShapeError as exc:
             raise GenerationError(str(exc)) from exc
 
-    def tiling(self, latent_h: int, latent_w: int, tile_vae: bool | None) -> vae.Tiling | None:
-        """Tiles when asked, or automatically beyond twice the model's native size per side."""
-        tile = self.latent_tile
-        if tile_vae is None:
-            tile_vae = latent_h * latent_w > (2 * tile) ** 2
-        return vae.Tiling(tile, tile // 4) if tile_vae else None
+    # HIRES PATCH (branch hires; to be applied on main): the VAE tiling comes from vae.choose_tiling
+    # (tile from a memory budget, or a size in pixels; fixed overlap; tiles in batches).
+    def tiling(self, latent_h: int, latent_w: int, tile_vae: bool | int | None) -> vae.Tiling | None:
+        """Tiles when asked (True: the largest tile the VAE budget allows; an int: tile edge in
+        image pixels), or automatically beyond twice the model's native size per side."""
+        decoder = self.runners[VAE_DECODER.name]
+        channels = (self.facts.vae_block_channels or (128,))[0]
+        try:
+            return vae.choose_tiling(latent_h, latent_w, tile_vae, self.latent_tile, self.vae_factor, channels,
+                                     decoder.input_dtype(decoder.input_names[0]).itemsize)
+        except ValueError as exc:
+            raise GenerationError(f"tile_vae: {exc}") from exc
+    # END HIRES PATCH
 
     def _latent_shape(self, plan: Plan) -> tuple[int, int, int, int]:
         return (plan.batch, self.facts.latent_channels, plan.height // self.vae_factor, plan.width // self.vae_factor)
@@ -292,8 +299,8 @@ class Pipeline:
         if len(timesteps) == 0:
             raise GenerationError(f"strength {request.strength} with {request.steps} steps leaves no step to run")
         sched.set_begin_index(t_start * sched.order)
-        encoder_tiling = tiling and vae.Tiling(tiling.tile, tiling.overlap)
-        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor, encoder_tiling)
+        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor,
+                                tiling)  # HIRES PATCH: the tiling as chosen (its batch included)
         mean_shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = vae.sample_latents(parameters, generator.randn(mean_shape))
         shift = self.facts.vae_shift_factor or 0.0

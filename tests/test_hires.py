@@ -79,12 +79,30 @@ def test_parse_cli_strings():
     (Hires(strengths=(0.4, 0.3)), (2090, 1040), "does not halve"),
     (Hires(steps=4, strengths=(0.2,)), (2048, 1024), "runs no step"),
     (Hires("on"), (2048, 1024), "auto, off"),
+    (Hires(base=(0, 512)), (2048, 1024), "at least 1"),
 ])
 def test_bad_hires_is_one_line(hires, target, words):
     with pytest.raises(GenerationError) as info:
         stages(hires, *target, steps=20, native=512, multiple=64)
     message = str(info.value)
     assert words in message and "\n" not in message
+
+
+def test_cli_options_and_stage_lines():
+    import argparse
+
+    from linfusion.runtime.hires import add_cli_arguments, from_cli, stage_line
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args(["--hires-base", "1024x512", "--hires-strengths", "0.4,0.3,0.2,0.1",
+                              "--hires-steps", "30"])
+    assert from_cli(args) == Hires("auto", (1024, 512), (0.4, 0.3, 0.2, 0.1), 30)
+    assert from_cli(parser.parse_args(["--hires", "off"])) == Hires("off")
+    record = {"stage": 2, "width": 4096, "height": 2048, "strength": 0.3, "cfg_mode": "batched", "encode": 1.0,
+              "unet_per_step": 0.25, "denoise": 3.75, "decode": 2.0, "total": 6.75}
+    assert stage_line(record) == ("stage 2: 4096x2048 img2img 0.3, batched CFG; encode 1.00s, UNet 0.250s/step, "
+                                  "denoise 3.75s, decode 2.00s, total 6.75s")
 
 
 @pytest.mark.parametrize("args", [("auto", "1024"), ("auto", "axb"), ("auto", None, "0.4,x"),
@@ -226,3 +244,18 @@ def test_auto_on_a_tiny_export(runtime):
     # long side 4 * native: halved once reaches 2 * native.
     assert sizes(chain) == [(2 * native, native), (4 * native, 2 * native)]
     assert [p.width for p in plans] == [2 * native, 4 * native] and seed == 9
+
+
+def test_hires_and_vae_are_torch_free():
+    from torchless import run_without_torch
+
+    result = run_without_torch("""
+        from linfusion.runtime.hires import Hires, stages
+        from linfusion.runtime.vae import choose_tiling
+        assert len(stages(Hires(), 16384, 8192, 50, 512, 64)) == 5
+        assert choose_tiling(2048, 1024, True, 64, 8).tile == 80
+        assert_torch_free()
+        print("torch-free ok")
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch-free ok" in result.stdout
