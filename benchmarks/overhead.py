@@ -30,20 +30,19 @@ class TimedSession:
         self.session = session
         self.seconds = 0.0
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    def _timed(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return self.session.run(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
 
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(self.session.run, *args, **kwargs)
+
     def run_with_iobinding(self, *args: Any, **kwargs: Any) -> Any:
         """The denoising loop's path (I/O binding): the model call alone, copies excluded."""
-        start = time.perf_counter()
-        try:
-            return self.session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
+        return self._timed(self.session.run_with_iobinding, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
