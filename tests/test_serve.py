@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installe
 pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-client) is not installed")
 
 SMALL = {"size": "64x64", "num_inference_steps": 3}
-LONG = {"width": 128, "height": 128, "steps": 150, "seed": 1, "sampler_name": "Euler"}  # one UNet call a step
+LONG = {"width": 256, "height": 256, "steps": 150, "seed": 1, "sampler_name": "Euler"}  # seconds, not ms
 """An A1111 job long enough to still be running while a test acts; tests end it with /interrupt."""
 
 
@@ -367,7 +367,8 @@ def test_interrupt_returns_the_running_job_early(tight):
     assert tight.client.post("/sdapi/v1/interrupt").status_code == 200
     thread.join(120)
     info = json.loads(results["long"].json()["info"])
-    assert info["interrupted"] and png(results["long"].json()["images"][0]).shape == (128, 128, 3)
+    image = png(results["long"].json()["images"][0])
+    assert info["interrupted"] and image.shape == (LONG["height"], LONG["width"], 3)
     assert time.monotonic() - start < 120
 
 
