@@ -54,6 +54,8 @@ class GenerationRequest:
     memory_limit: int | str | None = None
     """Bytes (or "12G") this generation may use in all; None: the pipeline's limit, else the memory
     available now (``runtime.memory``). A request estimated above it is refused before any model runs."""
+    mask_image: Any = None
+    """Inpainting: white where ``image`` is regenerated (a path, PIL image or HxW array); see ``runtime.inpaint``."""
 
 
 @dataclass
@@ -78,6 +80,8 @@ class Plan:
     latents: np.ndarray | None = None
     memory: Any = None
     """The memory estimate the plan was admitted with (``runtime.memory.Estimate``)."""
+    mask: np.ndarray | None = None
+    """Inpainting: [1, 1, height, width] of 0 and 1, as diffusers' mask processor makes it."""
 
     @property
     def batch(self) -> int:
