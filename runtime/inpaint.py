@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .contract import UNET, UNetIO
+from .manifest import ManifestError
 from .request import GenerationError
 
 ASPECT_TOLERANCE = 0.01
@@ -42,8 +43,8 @@ def unet_extra_channels(manifest: Any) -> int:
         return 0
     if sample == 2 * latent + 1:
         return latent + 1
-    raise GenerationError(f"the UNet takes {sample} input channels; only {latent} (text to image, "
-                          f"inpainting by blending) or {2 * latent + 1} (an inpainting UNet) are supported")
+    raise ManifestError(f"the exported UNet takes {sample} input channels; the runtime supports {latent} (text to "
+                        f"image, inpainting by blending) or {2 * latent + 1} (an inpainting UNet): re-export the model")
 
 
 def check_request(request: Any, extra_channels: int) -> None:

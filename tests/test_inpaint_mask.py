@@ -105,3 +105,21 @@ def test_blend_keeps_the_init_image_outside_the_mask():
     last = state.blend(latents, 3, sched.timesteps, sched)
     assert np.array_equal(last[..., :1], image[..., :1])
     assert state.unet_input(latents) is latents
+
+
+@pytest.mark.parametrize("channels,extra", [(4, 0), (9, 5), (5, None), (8, None)])
+def test_unet_kind_comes_from_the_contract(channels, extra):
+    from types import SimpleNamespace
+
+    from linfusion.runtime.contract import ComponentSpec, unet_io
+    from linfusion.runtime.inpaint import unet_extra_channels
+    from linfusion.runtime.manifest import ManifestError
+
+    inputs, outputs = unet_io("float32", channels, 4, 32, 77, None)
+    manifest = SimpleNamespace(pipeline=SimpleNamespace(latent_channels=4),
+                               components={"unet": ComponentSpec("unet", "unet/model.onnx", "fp32", inputs, outputs)})
+    if extra is None:
+        with pytest.raises(ManifestError, match=f"takes {channels} input channels"):
+            unet_extra_channels(manifest)
+    else:
+        assert unet_extra_channels(manifest) == extra
