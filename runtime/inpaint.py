@@ -43,16 +43,18 @@ def unet_extra_channels(manifest: Any) -> int:
         return 0
     if sample == 2 * latent + 1:
         return latent + 1
-    raise ManifestError(f"the exported UNet takes {sample} input channels; the runtime supports {latent} (text to "
-                        f"image, inpainting by blending) or {2 * latent + 1} (an inpainting UNet): re-export the model")
+    raise ManifestError(f"the exported UNet takes {sample} input channels; the runtime supports {latent} "
+                        f"(text to image, inpainting by blending) or {2 * latent + 1} (an inpainting UNet): "
+                        f"re-export the model")
 
 
 def check_request(request: Any, extra_channels: int) -> None:
     """What an inpainting request can get wrong before any image is read."""
     if request.mask_image is None:
         if extra_channels:
-            raise GenerationError("this export's UNet is an inpainting UNet (9 input channels): pass an init image "
-                                  "and mask_image (--init-image, --mask-image), or export a text-to-image model")
+            raise GenerationError("this export's UNet is an inpainting UNet (9 input channels): pass an "
+                                  "init image and mask_image (--init-image, --mask-image), or export a "
+                                  "text-to-image model")
         return
     if request.image is None:
         raise GenerationError("mask_image needs an init image to inpaint: pass image= (--init-image)")
@@ -97,7 +99,8 @@ def load_mask(source: Any, width: int, height: int, image_size: tuple[int, int] 
         _check_aspect((mask.shape[3], mask.shape[2]), image_size)
         mask = nearest(mask, height, width)
     else:
-        raise GenerationError(f"mask_image must be a path, a PIL image or a numpy array, got {type(source).__name__}")
+        raise GenerationError(f"mask_image must be a path, a PIL image or a numpy array, got "
+                              f"{type(source).__name__}")
     return binarize(mask)
 
 
@@ -121,8 +124,9 @@ def _check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int] | None
         return
     (mw, mh), (iw, ih) = mask_size, image_size
     if abs((mw / mh) / (iw / ih) - 1) > ASPECT_TOLERANCE:
-        raise GenerationError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}: their proportions differ, "
-                              f"so resizing would move the masked region; pass a mask drawn on the init image")
+        raise GenerationError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}: their proportions "
+                              f"differ, so resizing would move the masked region; pass a mask drawn on the "
+                              f"init image")
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:
@@ -131,12 +135,13 @@ def binarize(mask: np.ndarray) -> np.ndarray:
 
 
 def nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """torch.nn.functional.interpolate(mode="nearest") on NCHW: source index floor(i * in / out) in float32."""
+    """torch's interpolate(mode="nearest") on NCHW: source index floor(i * in / out), in float32."""
     def index(size_in: int, size_out: int) -> np.ndarray:
         if size_in == size_out:
             return np.arange(size_out)
         scale = np.float32(size_in) / np.float32(size_out)
-        return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+        source = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(source, size_in - 1)
 
     return array[:, :, index(array.shape[2], height)][:, :, :, index(array.shape[3], width)]
 
@@ -168,7 +173,7 @@ class Inpainting:
         return np.concatenate([model_input, self.mask, self.masked_latents], axis=1)
 
     def blend(self, latents: np.ndarray, index: int, timesteps: Any, sched: Any) -> np.ndarray:
-        """After step ``index``: keep the regenerated region, put back the init image elsewhere (regular UNet)."""
+        """After step ``index``: keep the regenerated region, the init image elsewhere (regular UNet)."""
         if self.image_latents is None:
             return latents
         known = self.image_latents
@@ -177,7 +182,8 @@ class Inpainting:
         return ((1 - self.mask) * known + self.mask * latents).astype(np.float32)
 
 
-def prepare(pipe: Any, plan: Any, sched: Any, generator: Any, tiling: Any) -> tuple[Any, np.ndarray, Inpainting]:
+def prepare(pipe: Any, plan: Any, sched: Any, generator: Any,
+            tiling: Any) -> tuple[Any, np.ndarray, Inpainting]:
     """Timesteps, initial latents and the inpainting state, drawing random numbers in diffusers' order."""
     timesteps = pipe._start_timesteps(plan, sched)
     extra = unet_extra_channels(pipe.manifest)
@@ -185,7 +191,8 @@ def prepare(pipe: Any, plan: Any, sched: Any, generator: Any, tiling: Any) -> tu
     strength_max = plan.strength == 1.0
 
     def repeat(array: np.ndarray) -> np.ndarray:
-        return np.concatenate([array] * (plan.batch // array.shape[0])) if plan.batch > array.shape[0] else array
+        times = plan.batch // array.shape[0]
+        return np.concatenate([array] * times) if times > 1 else array
 
     image_latents = None
     if extra == 0 or (plan.latents is None and not strength_max):

@@ -100,14 +100,14 @@ def both(runtime, preset, scheduler, seed=0, latents=None, **args):
     """(runtime images, diffusers images) for the same request. A seed even with given latents: the VAE
     encodings sample from the generator (diffusers' global RNG without one)."""
     init, mask = gradient_image(WIDTH, HEIGHT), box_mask()
-    ours = runtime(preset)(PROMPT, image=init, mask_image=mask, scheduler=scheduler, seed=seed, latents=latents,
-                           height=HEIGHT, width=WIDTH, output_type="np", **args).images
+    ours = runtime(preset)(PROMPT, image=init, mask_image=mask, scheduler=scheduler, seed=seed,
+                           latents=latents, height=HEIGHT, width=WIDTH, output_type="np", **args).images
     reference = diffusers_inpainting(preset, scheduler)
     generator = torch.Generator("cpu").manual_seed(seed)
+    given = None if latents is None else torch.from_numpy(latents)
     with torch.no_grad():
-        theirs = reference(PROMPT, image=init, mask_image=mask, height=HEIGHT, width=WIDTH, generator=generator,
-                           latents=None if latents is None else torch.from_numpy(latents), output_type="np",
-                           **args).images
+        theirs = reference(PROMPT, image=init, mask_image=mask, height=HEIGHT, width=WIDTH,
+                           generator=generator, latents=given, output_type="np", **args).images
     assert ours.shape == theirs.shape == (args.get("num_images_per_prompt", 1), HEIGHT, WIDTH, 3)
     return ours, theirs
 
@@ -205,11 +205,10 @@ def test_cli_inpaints_and_refuses_bad_masks_before_loading(inpaint_export, tmp_p
     box_mask().save(tmp_path / "mask.png")
     box_mask(64, 64).save(tmp_path / "square.png")
     missing = str(tmp_path / "no-export")  # the refusals come before the export is even opened
+    init = ["--init-image", str(tmp_path / "init.png")]
     for args, message in [(["--mask-image", str(tmp_path / "mask.png")], "--mask-image needs --init-image"),
-                          (["--init-image", str(tmp_path / "init.png"), "--mask-image", str(tmp_path / "square.png")],
-                           "proportions differ"),
-                          (["--init-image", str(tmp_path / "init.png"), "--mask-image", str(tmp_path / "x.png")],
-                           "cannot read mask image")]:
+                          ([*init, "--mask-image", str(tmp_path / "square.png")], "proportions differ"),
+                          ([*init, "--mask-image", str(tmp_path / "x.png")], "cannot read mask image")]:
         assert main([missing, "--prompt", "x", *args, "--output", str(tmp_path / "o.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

@@ -12,7 +12,8 @@ def mask_processor():
     from diffusers.image_processor import VaeImageProcessor
 
     # as StableDiffusion(XL)InpaintPipeline builds it
-    return VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                             do_convert_grayscale=True)
 
 
 def soft_mask(width, height, seed=0):
@@ -84,11 +85,13 @@ def test_bad_masks_are_refused_in_one_line(source, message):
 
 
 def test_blend_keeps_the_init_image_outside_the_mask():
-    """diffusers' step: (1 - mask) * add_noise(image_latents, noise, next t) + mask * latents; the last un-noised."""
+    """diffusers' step: (1 - mask) * add_noise(image_latents, noise, next t) + mask * latents; the last one
+    un-noised."""
     from diffusers import DDIMScheduler
     from linfusion.runtime.schedulers import make_scheduler
 
-    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012}
     sched = make_scheduler("ddim", config)
     sched.set_timesteps(4)
     reference = DDIMScheduler.from_config(config)
@@ -100,7 +103,8 @@ def test_blend_keeps_the_init_image_outside_the_mask():
     state = Inpainting(mask, None, image, noise)
     out = state.blend(latents, 1, sched.timesteps, sched)
     assert np.array_equal(out[..., 1:], latents[..., 1:])
-    noised = reference.add_noise(torch.from_numpy(image), torch.from_numpy(noise), reference.timesteps[2:3]).numpy()
+    noised = reference.add_noise(torch.from_numpy(image), torch.from_numpy(noise), reference.timesteps[2:3])
+    noised = noised.numpy()
     assert np.allclose(out[..., :1], noised[..., :1], atol=1e-6)
     last = state.blend(latents, 3, sched.timesteps, sched)
     assert np.array_equal(last[..., :1], image[..., :1])
@@ -116,8 +120,8 @@ def test_unet_kind_comes_from_the_contract(channels, extra):
     from linfusion.runtime.manifest import ManifestError
 
     inputs, outputs = unet_io("float32", channels, 4, 32, 77, None)
-    manifest = SimpleNamespace(pipeline=SimpleNamespace(latent_channels=4),
-                               components={"unet": ComponentSpec("unet", "unet/model.onnx", "fp32", inputs, outputs)})
+    unet = ComponentSpec("unet", "unet/model.onnx", "fp32", inputs, outputs)
+    manifest = SimpleNamespace(pipeline=SimpleNamespace(latent_channels=4), components={"unet": unet})
     if extra is None:
         with pytest.raises(ManifestError, match=f"takes {channels} input channels"):
             unet_extra_channels(manifest)
