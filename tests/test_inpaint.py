@@ -81,7 +81,7 @@ REFERENCES = {}
 
 def diffusers_inpainting(preset, scheduler):
     """diffusers' inpainting pipeline with LinFusion mounted, with ``scheduler`` made from the preset's
-    config: the preset's own for a 9-channel UNet, else the inpainting class around the text-to-image
+    config (None: the preset's own scheduler): the preset's own for a 9-channel UNet, else the inpainting class around the text-to-image
     components (a regular UNet, blending)."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
@@ -90,9 +90,9 @@ def diffusers_inpainting(preset, scheduler):
         if not preset.endswith("-inpaint"):
             pipe = (StableDiffusionXLInpaintPipeline if "xl" in preset else StableDiffusionInpaintPipeline)(
                 **pipe.components)
-        REFERENCES[preset] = pipe, pipe.scheduler.config
-    pipe, config = REFERENCES[preset]
-    pipe.scheduler = diffusers_scheduler(scheduler, config)
+        REFERENCES[preset] = pipe, pipe.scheduler
+    pipe, default = REFERENCES[preset]
+    pipe.scheduler = default if scheduler is None else diffusers_scheduler(scheduler, default.config)
     return pipe
 
 
@@ -129,6 +129,12 @@ def test_same_seed_gives_diffusers_inpainting_below_full_strength(runtime, prese
                         guidance_scale=4.0, num_images_per_prompt=2)
     assert psnr(ours, theirs) >= 40
     assert not np.array_equal(ours[0], ours[1])
+
+
+def test_default_scheduler_blends_like_diffusers(runtime):
+    """The exported scheduler (PNDM for SD-1.x): the init image noised to each next timestep."""
+    ours, theirs = both(runtime, "tiny-sd", None, seed=5, strength=0.8, num_inference_steps=6, guidance_scale=3.0)
+    assert psnr(ours, theirs) >= 40
 
 
 def test_blending_keeps_the_unmasked_region(runtime):
