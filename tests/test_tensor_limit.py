@@ -226,7 +226,7 @@ def test_build_refuses_profiles_beyond_the_max_size(exports, capsys):
         assert build_main([str(chunked), *args]) == 2  # bad input: exit status 2, one line
         err = capsys.readouterr().err
         assert "beyond this export's maximum size 256x128" in err and err.count("\n") == 1
-    assert build_main([str(chunked), "--sizes", "256x128", "--batch", "1:1:2"]) == 1
+    assert build_main([str(chunked), "--sizes", "256x128", "--batch", "1:1:2"]) == 2
     assert "at most 1 fit" in capsys.readouterr().err
     manifest = load_manifest(chunked)
     # the default range shrinks to the largest square within 256x128 (181 -> 160 px)
