@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from linfusion.runtime import Pipeline, model_cache
 from linfusion.runtime import manifest as mf
 from linfusion.runtime.backends import onnxruntime as ort_backend
 from linfusion.runtime.manifest import ManifestError
 
-KW = dict(height=64, width=64, num_inference_steps=2, seed=3, output_type="np")
+KW = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 3, "output_type": "np"}
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ CUDA_DEFAULTS: dict[str, Any] = {"device_id": 0, "arena_extend_strategy": "kSame
 # overrides them per key. ``config``: ORT session config entries.
 SESSION_DEFAULTS: dict[str, Any] = {"graph_optimization_level": "ORT_ENABLE_ALL", "enable_mem_pattern": True,
                                     "enable_cpu_mem_arena": True, "config": {}}
+# Session config entries that do not change the optimised graph (left out of the cache key).
+RUNTIME_ONLY_CONFIG = ("session.intra_op.", "session.inter_op.", "session.use_env_allocators",
+                       "session.use_device_allocator_for_initializers", "session.disable_prepacking")
 # A cached model is already optimised (at the level its key records).
 ORT_LEVEL_FOR_CACHED = "ORT_ENABLE_ALL"
 # How a cache entry is written: weights in one external file, which ORT maps instead of copying.
@@ -181,7 +184,7 @@ class OnnxRuntimeBackend(Backend):
         """What changes the optimised graph (part of the cache key); threads and allocators do not."""
         settings = self.session_options
         return {"level": settings["graph_optimization_level"], "save": CACHE_SAVE_CONFIG,
-                "config": {k: str(v) for k, v in settings["config"].items() if "spinning" not in k}}
+                "config": {k: str(v) for k, v in settings["config"].items() if not k.startswith(RUNTIME_ONLY_CONFIG)}}
 
     def _session(self, path: Path, providers: list, cached: bool = False, save_to: Path | None = None):
         import onnxruntime as ort
