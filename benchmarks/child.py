@@ -45,6 +45,7 @@ def run_runtime(args: argparse.Namespace) -> dict[str, float]:
     if args.engine == "runtime-before":  # as before issue 12: no cache, ORT's own memory settings
         cache = False
         ort_backend.SESSION_DEFAULTS = {**ort_backend.SESSION_DEFAULTS, **BEFORE}
+        ort_backend.COMPONENT_SETTINGS = {}
     pipe = Pipeline.from_export(args.assets / "export", backend="onnxruntime", intra_op_threads=args.threads,
                                 cache_dir=cache)
     loaded, loaded_rss = time.time(), rss_mib()
