@@ -58,12 +58,10 @@ def resolve_dir(cache_dir: str | os.PathLike | bool | None = None) -> Path | Non
     return Path(base) / "linfusion" / "ort"
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def _sha256(path: Path) -> str:
+    from .manifest import sha256_file
+
+    return sha256_file(path)
 
 
 def _stat(path: Path) -> dict[str, int]:

@@ -6,23 +6,14 @@ tests/test_hires.py.
 """
 
 import pytest
+import test_serve
 from linfusion.runtime.hires import Hires
 from test_serve import Server, assert_error, png, psnr
 
 pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 
-
-@pytest.fixture(scope="module")
-def export(exported):
-    return exported("tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def pipe(export):
-    from linfusion.runtime import Pipeline
-
-    return Pipeline.from_export(export, backend="onnxruntime")
+export, pipe = test_serve.export, test_serve.pipe  # the tiny-sd export and its Pipeline (fixtures)
 
 
 @pytest.fixture(scope="module")
