@@ -64,7 +64,7 @@ def test_a1111_hires_fix(server, pipe):
     ({"enable_hr": True, "width": 64, "height": 64, "hr_resize_x": 128, "hr_resize_y": 192}, "must be 2, 4"),
     ({"enable_hr": True}, "width and height"),
     ({"enable_hr": True, "width": 64, "height": 64, "denoising_strength": 1.5}, "strength"),
-    ({"enable_hr": True, "width": 128, "height": 128}, "pixels"),  # 256x256 target: above --max-pixels
+    ({"enable_hr": True, "width": 256, "height": 256}, "pixels"),  # 512x512 target: above --max-pixels
 ])
 def test_a1111_hires_refusals(server, body, word):
     assert_error(server.client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 4, **body}), 400, word)
@@ -75,6 +75,7 @@ def test_openai_hires_refusals(server):
     base = {"prompt": "a", "size": "128x128", "num_inference_steps": 4}
     assert_error(c.post("/v1/images/generations", json={**base, "hires": "sometimes"}), 400, "hires must be")
     assert_error(c.post("/v1/images/generations", json={**base, "hires_base": "96x64"}), 400, "power of two")
-    assert_error(c.post("/v1/images/generations", json={**base, "hires_strengths": [0.5, 0.3]}), 400, "strengths")
+    three = {**base, "hires_strengths": [0.5, 0.3, 0.2]}  # 128 / 2**3: a 16 px base, not a multiple of 32
+    assert_error(c.post("/v1/images/generations", json=three), 400, "multiples of 32")
     init = {"prompt": "a", "init_images": ["AAAA"], "enable_hr": True, "width": 64, "height": 64}
     assert_error(c.post("/sdapi/v1/img2img", json=init), 400, "txt2img")
