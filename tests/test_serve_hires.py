@@ -5,9 +5,13 @@ process (no HTTP, no batching, no PNG); the chain itself is checked against diff
 tests/test_hires.py.
 """
 
+import base64
+import io
+
 import pytest
 import test_serve
 from linfusion.runtime.hires import Hires
+from PIL import Image
 from test_serve import Server, assert_error, png, psnr
 
 pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
@@ -77,5 +81,8 @@ def test_openai_hires_refusals(server):
     assert_error(c.post("/v1/images/generations", json={**base, "hires_base": "96x64"}), 400, "power of two")
     three = {**base, "hires_strengths": [0.5, 0.3, 0.2]}  # 128 / 2**3: a 16 px base, not a multiple of 32
     assert_error(c.post("/v1/images/generations", json=three), 400, "multiples of 32")
-    init = {"prompt": "a", "init_images": ["AAAA"], "enable_hr": True, "width": 64, "height": 64}
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
+    init = {"prompt": "a", "init_images": [base64.b64encode(buffer.getvalue()).decode()], "enable_hr": True,
+            "width": 64, "height": 64}
     assert_error(c.post("/sdapi/v1/img2img", json=init), 400, "txt2img")
