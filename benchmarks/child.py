@@ -1,6 +1,9 @@
 """One image in a fresh process, by the runtime or by diffusers: the unit of the cold-start and memory studies.
 
-    python benchmarks/child.py runtime|diffusers ASSETS --size 512 --steps 4 --threads 2 --tile auto|on|off
+    python benchmarks/child.py runtime|runtime-before|diffusers ASSETS --size 512 --steps 4 --threads 2 --tile auto|on|off
+
+``runtime-before`` is the runtime as it was before issue 12 (no ORT model cache, ORT's default
+memory pattern and arena), for before/after tables from one run.
 
 ASSETS holds ``export/`` (for the runtime) and ``diffusers/`` + ``linfusion/`` (for PyTorch), the
 same model (see models.assets). Prints one JSON line: wall-clock stamps (time.time(), so the
@@ -21,6 +24,8 @@ import sys
 from pathlib import Path
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+# ONNX Runtime's session settings before issue 12 (engine "runtime-before").
+BEFORE = {"enable_mem_pattern": True, "enable_cpu_mem_arena": True, "config": {}}
 
 
 def rss_mib() -> float:
@@ -33,9 +38,16 @@ def rss_mib() -> float:
 
 def run_runtime(args: argparse.Namespace) -> dict[str, float]:
     from linfusion.runtime import Pipeline
+    from linfusion.runtime.backends import onnxruntime as ort_backend
 
     imported = time.time()
-    pipe = Pipeline.from_export(args.assets / "export", backend="onnxruntime", intra_op_threads=args.threads)
+    cache = {"off": False, "default": None}.get(args.cache, args.cache)
+    if args.engine == "runtime-before":  # as before issue 12: no cache, ORT's own memory settings
+        cache = False
+        ort_backend.SESSION_DEFAULTS = {**ort_backend.SESSION_DEFAULTS, **BEFORE}
+        ort_backend.COMPONENT_SETTINGS = {}
+    pipe = Pipeline.from_export(args.assets / "export", backend="onnxruntime", intra_op_threads=args.threads,
+                                cache_dir=cache)
     loaded, loaded_rss = time.time(), rss_mib()
     tile = {"on": True, "off": False, "auto": None}[args.tile]
     out = pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, seed=0,
@@ -70,14 +82,15 @@ def run_diffusers(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("engine", choices=("runtime", "diffusers"))
+    p.add_argument("engine", choices=("runtime", "runtime-before", "diffusers"))
     p.add_argument("assets", type=Path)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tile", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--cache", default="default", help="runtime: ORT model cache directory, 'default' or 'off'")
     args = p.parse_args()
-    stamps = run_runtime(args) if args.engine == "runtime" else run_diffusers(args)
+    stamps = run_diffusers(args) if args.engine == "diffusers" else run_runtime(args)
     stamps.update(started=STARTED, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   torch_imported="torch" in sys.modules)
     print(json.dumps(stamps))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import harness
 import models
-from cold_start import spawn
+from cold_start import ENGINES, spawn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
         folder = models.assets(args.variant, args.workdir or Path(tmp))
+        cache = str(Path(tmp) / "ort-cache")
+        spawn("runtime", folder, 64 * (1 + (args.variant != "tiny")), 1, args.threads, "off", cache)  # fills it
         for size in sizes:
             for tile in ("off", "on"):
-                for engine in ("runtime", "diffusers"):
-                    r = spawn(engine, folder, size, args.steps, args.threads, tile)
+                for engine in ENGINES:
+                    r = spawn(engine, folder, size, args.steps, args.threads, tile, cache)
                     rows.append({"side_px": size, "tile_vae": tile, "engine": engine,
                                  "peak_rss_mib": r["peak_rss_mib"], "loaded_rss_mib": r["loaded_rss_mib"]})
                     print(f"{size} px, tiling {tile}, {engine}: peak {r['peak_rss_mib']:.0f} MiB", flush=True)
@@ -48,19 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     def loaded(engine: str) -> float:
         return harness.median([r["loaded_rss_mib"] for r in rows if r["engine"] == engine])
 
-    table_rows = [[size, tile, peak(size, tile, "runtime"), peak(size, tile, "diffusers"),
+    table_rows = [[size, tile, peak(size, tile, "runtime-before"), peak(size, tile, "runtime"),
+                   peak(size, tile, "diffusers"), round(peak(size, tile, "runtime-before") / peak(size, tile, "diffusers"), 2),
                    round(peak(size, tile, "runtime") / peak(size, tile, "diffusers"), 2)]
                   for size in sizes for tile in ("off", "on")]
-    table = harness.markdown_table(["side (px)", "VAE tiling", "runtime peak RSS (MiB)",
-                                    "PyTorch peak RSS (MiB)", "runtime / PyTorch"], table_rows)
+    table = harness.markdown_table(["side (px)", "VAE tiling", "runtime before (MiB)", "runtime (MiB)",
+                                    "PyTorch (MiB)", "before / PyTorch", "runtime / PyTorch"], table_rows)
     notes = [(f"Model: {args.variant}, random weights, fp32; one image, {args.steps} Euler step(s), CFG 7.5 "
              f"(UNet batch 2), {args.threads} threads, one fresh process per cell. RSS after loading "
-             f"(median): runtime {loaded('runtime'):.0f} MiB, PyTorch {loaded('diffusers'):.0f} MiB. "
+             f"(median): runtime before {loaded('runtime-before'):.0f} MiB, runtime {loaded('runtime'):.0f} MiB, "
+             f"PyTorch {loaded('diffusers'):.0f} MiB. runtime-before: no ORT model cache, ORT's default memory "
+             f"pattern and arena; runtime: today's defaults, model cache filled first. "
              f"Target: runtime <= PyTorch at every size.")]
     plot = harness.loglog_plot(
         args.results / "memory.png",
         {f"{engine}, tiling {tile}": ([s * s for s in sizes], [peak(s, tile, engine) for s in sizes])
-         for engine in ("runtime", "diffusers") for tile in ("off", "on")},
+         for engine in ENGINES for tile in ("off", "on")},
         f"peak RSS, {args.variant}, one image", "peak RSS (MiB)")
     notes.append(f"![peak RSS against pixels]({plot.name})")
     harness.write_results("memory", {"variant": args.variant, "steps": args.steps, "threads": args.threads,

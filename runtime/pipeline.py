@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from . import inpaint, limits, memory, vae
+from . import inpaint, limits, memory, model_cache, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
 from .guidance import combine_guidance
 from .hires import Hires, resolve_hires, run_chain, stage_callback
 from .images import load_image, to_pil, to_unit_range
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import Manifest, ManifestError
 from .prompts import TextStack, sdxl_time_ids
 from .request import GenerationError, GenerationRequest, Plan, check_numbers, prompt_lists
 from .rng import TorchCompatibleGenerator
@@ -45,6 +45,9 @@ class PipelineOutput:
 
 class Pipeline:
     """An export directory loaded once; calls are thread-safe and share the loaded models."""
+
+    cache: model_cache.ModelCache | None = None
+    """ONNX Runtime's cache of optimised models, when in use (``from_export``'s ``cache_dir``)."""
 
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, ModelRunner],
                  tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str,
@@ -70,17 +73,20 @@ class Pipeline:
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
                     verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
-                    io_binding: bool = True, memory_limit: int | str | None = None) -> Pipeline:
+                    io_binding: bool = True, memory_limit: int | str | None = None,
+                    cache_dir: str | Path | bool | None = None) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
         importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
         ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
         {"device_id": 1}}``), ``io_binding`` for the denoising loop (see backends/onnxruntime.py).
         ``memory_limit``: bytes (or "12G") a generation may use in all; default: what is available
-        when it starts. Requests estimated above it are refused before any model runs."""
+        when it starts. Requests estimated above it are refused before any model runs.
+        ``cache_dir``: where ONNX Runtime's optimised models are cached (``runtime.model_cache``;
+        default ``$LINFUSION_CACHE`` or ``~/.cache/linfusion/ort``; False turns it off)."""
         import json
 
         directory = Path(directory)
-        manifest = load_manifest(directory, verify=verify)
+        manifest = model_cache.load_manifest(directory, verify, cache_dir)
         required = [*manifest.pipeline.text_encoders, UNET.name, VAE_DECODER.name]
         missing = [name for name in required if name not in manifest.components]
         if missing:
@@ -88,6 +94,7 @@ class Pipeline:
                                 f"to generate images")
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads,
                               provider_options=provider_options, io_binding=io_binding)
+        cache = model_cache.attach(chosen, directory, manifest, cache_dir, verify)
         specs = manifest.components
         runners = {name: chosen.load(directory, name, spec) for name, spec in specs.items()
                    if not component_kind(spec.kind).deferred}
@@ -100,7 +107,9 @@ class Pipeline:
         except (OSError, ValueError) as exc:
             raise ManifestError(f"{directory}: cannot read scheduler/scheduler_config.json ({exc}); "
                                 f"re-export the model") from exc
-        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
+        pipe = cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
+        pipe.cache = cache
+        return pipe
 
     def runner(self, name: str) -> ModelRunner:
         """The loaded component, loading a deferred one on first use (once, thread-safe)."""

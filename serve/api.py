@@ -14,7 +14,8 @@ import os
 import re
 from typing import Any
 
-from linfusion.runtime.request import MAX_SEED, GenerationRequest
+from linfusion.runtime.hires import Hires
+from linfusion.runtime.request import MAX_SEED, GenerationError, GenerationRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ServeConfig
@@ -95,7 +96,13 @@ class OpenAIImageRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     scheduler: str | None = None
+    hires: str | None = None
+    """The staged chain (``runtime.hires``): "auto" or "off" (default: one pass at ``size``)."""
+    hires_base: str | None = None
+    hires_strengths: list[float] | None = None
+    hires_steps: int | None = None
     enable_hr: bool = False
+    """AUTOMATIC1111's switch, accepted here as ``hires: "auto"``."""
 
 
 class Txt2ImgRequest(BaseModel):
@@ -116,6 +123,8 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     enable_hr: bool = False
     hr_scale: float | None = None
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
     hr_second_pass_steps: int | None = None
     denoising_strength: float | None = None
 
@@ -137,6 +146,46 @@ def check_limits(config: ServeConfig, width: int | None, height: int | None, ste
     if width is not None and height is not None and width * height > config.max_pixels:
         raise ApiError(400, f"{width}x{height} is {width * height} pixels; this server allows at most "
                             f"{config.max_pixels} (--max-pixels)")
+
+
+def openai_hires(body: OpenAIImageRequest) -> Hires | None:
+    """The extension fields -> a ``Hires`` (None: one pass); any ``hires_*`` field implies "auto"."""
+    mode = body.hires or ("auto" if body.enable_hr else None)
+    if mode is None and body.hires_base is None and body.hires_strengths is None and body.hires_steps is None:
+        return None
+    try:
+        return Hires.parse(mode, body.hires_base, body.hires_strengths, body.hires_steps)
+    except GenerationError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def a1111_hires(body: Txt2ImgRequest) -> tuple[Hires | None, int | None, int | None]:
+    """AUTOMATIC1111's Hires. fix -> (``Hires``, target width, target height).
+
+    The first pass runs at width x height; ``hr_scale`` (default 2) or ``hr_resize_x/y`` give the
+    target, which must be the first pass's size times a power of two (each stage doubles it); every
+    stage refines at ``denoising_strength`` (default: the chain's 0.4 -> 0.1) with
+    ``hr_second_pass_steps`` scheduled steps (0: ``steps``)."""
+    if not body.enable_hr:
+        return None, body.width, body.height
+    if body.width is None or body.height is None:
+        raise ApiError(400, "enable_hr needs width and height (the first pass's size)")
+    if body.hr_resize_x > 0 and body.hr_resize_y > 0:
+        width, height = body.hr_resize_x, body.hr_resize_y
+        ratio = width / body.width
+    else:
+        ratio = 2.0 if body.hr_scale is None else body.hr_scale
+        width, height = round(body.width * ratio), round(body.height * ratio)
+    count = max(int(ratio), 1).bit_length() - 1
+    if ratio != 2 ** count or count < 1 or (width, height) != (body.width << count, body.height << count):
+        raise ApiError(400, f"Hires. fix here doubles the size per stage: hr_scale (or hr_resize_x/y over "
+                            f"width/height) must be 2, 4, 8 or 16, got {ratio:g}")
+    strengths = None if body.denoising_strength is None else [body.denoising_strength] * count
+    try:
+        hires = Hires.parse("auto", (body.width, body.height), strengths, body.hr_second_pass_steps or None)
+    except GenerationError as exc:
+        raise ApiError(400, str(exc)) from None
+    return hires, width, height
 
 
 def random_seed() -> int:
@@ -165,36 +214,37 @@ def openai_requests(body: OpenAIImageRequest, config: ServeConfig) -> list[Gener
     if body.model not in (None, "", config.name):
         raise ApiError(404, f"model {body.model!r} does not exist here; this server serves {config.name!r} "
                             f"(GET /v1/models)")
-    if body.enable_hr:
-        raise ApiError(400, "enable_hr (hires fix) is not supported yet; leave it out")
     width, height = parse_size(body.size)
-    check_limits(config, width, height, body.num_inference_steps, body.n)
+    check_limits(config, width, height, max(body.num_inference_steps, body.hires_steps or 0), body.n)
     scheduler = scheduler_for(body.scheduler)
+    hires = openai_hires(body)
     return [GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
                               num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                              seed=seed, scheduler=scheduler)
+                              seed=seed, scheduler=scheduler, hires=hires)
             for seed in seeds_for(body.seed, body.n)]
 
 
 def a1111_requests(body: Txt2ImgRequest, config: ServeConfig, images: list[Any] | None = None
                    ) -> list[GenerationRequest]:
-    if body.enable_hr:
-        raise ApiError(400, "enable_hr (Hires. fix) is not supported yet; send enable_hr false")
+    if body.enable_hr and images is not None:
+        raise ApiError(400, "enable_hr (Hires. fix) belongs to txt2img; send img2img without it")
     if getattr(body, "mask", None):
         raise ApiError(400, "inpainting (mask) is not supported; send img2img without a mask")
     count = body.batch_size * body.n_iter
     if body.batch_size < 1 or body.n_iter < 1:
         raise ApiError(400, "batch_size and n_iter must be at least 1")
-    check_limits(config, body.width, body.height, body.steps, count)
+    hires, width, height = a1111_hires(body)
+    check_limits(config, width, height, max(body.steps, body.hr_second_pass_steps or 0), count)
     karras = (body.scheduler or "").strip().lower() == "karras"
     if body.scheduler and body.scheduler.strip().lower() not in ("automatic", "karras"):
         raise ApiError(400, f"scheduler {body.scheduler!r} is not supported; use 'Automatic' or pick a sampler_name")
     scheduler = scheduler_for(body.sampler_name or body.sampler_index, karras)
     requests = []
     for i, seed in enumerate(seeds_for(body.seed, count)):
-        extra = {} if images is None else {"image": images[i % len(images)], "strength": body.denoising_strength}
+        extra = ({"hires": hires} if images is None
+                 else {"image": images[i % len(images)], "strength": body.denoising_strength})
         requests.append(GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt or None,
-                                          height=body.height, width=body.width, num_inference_steps=body.steps,
+                                          height=height, width=width, num_inference_steps=body.steps,
                                           guidance_scale=body.cfg_scale, seed=seed, scheduler=scheduler, **extra))
     return requests
 

@@ -36,6 +36,9 @@ class ServeConfig:
     drain_timeout: float = 60.0
     threads: int = 0
     verify: bool = True
+    cache_dir: str | None = None
+    """ONNX Runtime's optimised-model cache (``runtime.model_cache``): a directory, "off", or None for
+    ``$LINFUSION_CACHE`` / ``~/.cache/linfusion/ort``."""
     model_name: str | None = None
     """The name clients see (/v1/models, sd-models); default: the export directory's name."""
     log_level: str = "info"
@@ -43,6 +46,11 @@ class ServeConfig:
     @property
     def name(self) -> str:
         return self.model_name or Path(self.directory).resolve().name
+
+    @property
+    def cache(self) -> str | bool | None:
+        """``cache_dir`` as ``Pipeline.from_export`` takes it."""
+        return False if (self.cache_dir or "").strip().lower() == "off" else self.cache_dir
 
     @property
     def max_body_bytes(self) -> int:
@@ -99,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads (0: default)")
     p.add_argument("--model-name", default=None, help="model name clients see (default: the directory's name)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
+    p.add_argument("--cache-dir", default=None,
+                   help="ONNX Runtime optimised-model cache: a directory or 'off' (default: $LINFUSION_CACHE, "
+                        "else ~/.cache/linfusion/ort)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 
@@ -118,5 +129,5 @@ def from_args(argv: list[str] | None = None) -> ServeConfig:
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
         request_timeout=args.request_timeout, max_pixels=args.max_pixels, max_steps=args.max_steps,
         max_images=args.max_images, max_body_mb=args.max_body_mb, api_key=key, drain_timeout=args.drain_timeout,
-        threads=args.threads, verify=not args.no_verify, model_name=args.model_name, log_level=args.log_level,
+        threads=args.threads, verify=not args.no_verify, cache_dir=args.cache_dir, model_name=args.model_name, log_level=args.log_level,
     ).check()

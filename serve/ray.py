@@ -43,7 +43,7 @@ class LinFusionDeployment:
 
         self.config = config_from(settings)
         pipe = Pipeline.from_export(self.config.directory, backend=self.config.backend, verify=self.config.verify,
-                                    intra_op_threads=self.config.threads)
+                                    intra_op_threads=self.config.threads, cache_dir=self.config.cache)
         self.service = Service(self.config, pipeline=pipe)
 
     def __serve_build_asgi_app__(self) -> Any:

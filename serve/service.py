@@ -79,7 +79,8 @@ class Service:
         start = time.perf_counter()
         try:
             pipe = Pipeline.from_export(self.config.directory, backend=self.config.backend,
-                                        verify=self.config.verify, intra_op_threads=self.config.threads)
+                                        verify=self.config.verify, intra_op_threads=self.config.threads,
+                                        cache_dir=self.config.cache)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log, then the server exits
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.error("cannot load %s: %s", self.config.directory, self.load_error)
@@ -126,9 +127,15 @@ class Service:
 
     def _keys(self, requests: list[GenerationRequest]) -> list[Any]:
         from linfusion.runtime.batching import batch_key
+        from linfusion.runtime.hires import plan_stages, resolve_hires
 
         keys = []
         for request in requests:
+            chain = resolve_hires(request)
+            if chain is not None:  # the staged chain: checked stage by stage, never batched
+                plan_stages(self.pipe, request, chain)
+                keys.append(("hires", id(request)))
+                continue
             plan = self.pipe.plan(request)
             if plan.height * plan.width > self.config.max_pixels:
                 raise ApiError(400, f"{plan.width}x{plan.height} is {plan.height * plan.width} pixels; this server "
@@ -195,8 +202,11 @@ class Service:
 
         start = time.perf_counter()
         try:
-            outputs = generate_batch(self.pipe, [job.request for job in live], callback=on_step,
-                                     interrupt=running.interrupt)
+            if len(live) == 1 and live[0].request.hires is not None:  # the chain (its key is its own)
+                outputs = [self.pipe.generate(live[0].request, callback=on_step)]
+            else:
+                outputs = generate_batch(self.pipe, [job.request for job in live], callback=on_step,
+                                         interrupt=running.interrupt)
         except GenerationError as exc:
             if len(live) == 1:
                 live[0].resolve(error=exc)

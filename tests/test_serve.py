@@ -265,7 +265,7 @@ def test_limits_are_refused_before_queuing(server):
     assert_error(c.post("/v1/images/generations", json={"prompt": "a", "num_inference_steps": 151}), 400, "151")
     assert_error(c.post("/v1/images/generations", json={"prompt": "a", "n": 5}), 400, "5 images")
     assert_error(c.post("/v1/images/generations", json={"prompt": "a", "size": "256x128"}), 400, "pixels")
-    assert_error(c.post("/sdapi/v1/txt2img", json={"prompt": "a", "enable_hr": True}), 400, "not supported yet")
+    assert_error(c.post("/sdapi/v1/txt2img", json={"prompt": "a", "enable_hr": True}), 400, "width and height")
     assert_error(c.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 0}), 400, "num_inference_steps")
     big = {"prompt": "a", "init_images": ["A" * (2 * 2**20)]}
     assert_error(c.post("/sdapi/v1/img2img", json=big), 413, "larger than")
