@@ -1,4 +1,17 @@
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# ONNX Runtime's model cache (runtime/model_cache.py) goes to a folder of this test session, not to
+# ~/.cache; subprocesses inherit it. Removed when the session ends.
+_CACHE = tempfile.mkdtemp(prefix="linfusion-test-cache-")
+os.environ.setdefault("LINFUSION_CACHE", _CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
