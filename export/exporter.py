@@ -34,6 +34,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
 
+from . import lora as export_lora
 from . import onnx_file
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
@@ -51,8 +52,10 @@ def available_components(xl: bool) -> tuple[str, ...]:
 
 def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
                     components: list[str] | None = None, force: bool = False, skip_parity: bool = False,
-                    progress: Callable[[str], None] = print) -> Manifest:
-    """Trace, check and package every requested component of ``loaded`` into ``output``."""
+                    progress: Callable[[str], None] = print,
+                    loras: list[tuple[str, float]] | None = None) -> Manifest:
+    """Trace, check and package every requested component of ``loaded`` into ``output``;
+    ``loras`` (path, scale) are fused first, through diffusers (``export.lora``)."""
     output = Path(output)
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported precision '{precision}'; choose fp32 or fp16")
@@ -66,6 +69,7 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
                           f"{', '.join(available_components(loaded.is_xl))}")
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it")
+    lora_records = export_lora.fuse_loras(loaded.pipeline, loras, progress) if loras else []
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output.parent, progress)
     # SIGTERM / SIGHUP would kill the process without the cleanup below: raise Terminated instead.
@@ -73,7 +77,7 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "partial"), dir=output.parent))
         _ACTIVE.add(staging.name)
         try:
-            manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
+            manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress, lora_records)
             normal_permissions(staging)  # mkdtemp made it 0700: give it the umask's modes
             _replace_directory(staging, output)
         except OSError as exc:
@@ -167,7 +171,7 @@ def remove_stale_staging(parent: Path, progress: Callable[[str], None] = print) 
 
 
 def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: int, names: list[str],
-                 skip_parity: bool, progress: Callable[[str], None]) -> Manifest:
+                 skip_parity: bool, progress: Callable[[str], None], lora_records: list[dict]) -> Manifest:
     pipe = loaded.pipeline
     dtype = PRECISIONS[precision]
     latent_multiple = 2 ** pipe.unet.num_upsamplers
@@ -191,6 +195,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
                               f"nodes in the graph")
         target = folder / component.name / "model.onnx"
         target.parent.mkdir(parents=True)
+        lora_map = export_lora.write_initializer_map(component, model, target.parent)
         external = onnx_file.save(model, target)
         del model
         onnx_file.check(target)
@@ -207,7 +212,8 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
                 raise ExportError(f"parity check failed: {result.summary()}")
         specs[component.name] = ComponentSpec(
             component.kind.name, f"{component.name}/model.onnx", precision_name, component.inputs,
-            component.outputs, external and f"{component.name}/{external}", nodes)
+            component.outputs, external and f"{component.name}/{external}", nodes,
+            lora_map=lora_map and f"{component.name}/{lora_map}")
 
     _save_tokenizers(pipe, loaded.is_xl, folder)
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
@@ -215,7 +221,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
     manifest = Manifest(
         source=loaded.provenance(), precision=precision, opset=opset,
         pipeline=_pipeline_facts(pipe, loaded.is_xl, latent_multiple),
-        components=specs, tools=_tool_versions(), parity=parity)
+        components=specs, tools=_tool_versions(), parity=parity, loras=lora_records)
     manifest = manifest.with_files(file_records(folder))
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

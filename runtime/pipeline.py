@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, vae
+from . import lora, memory, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -45,6 +45,11 @@ class PipelineOutput:
 class Pipeline:
     """An export directory loaded once; calls are thread-safe and share the loaded models."""
 
+    runners = lora.Pinned()  # a generation keeps the UNet and text encoders it started with (set_loras)
+    text = lora.Pinned()
+    loras: tuple = ()
+    """What ``set_loras`` / ``from_export(loras=...)`` applied, per file."""
+
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, ModelRunner],
                  tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str,
                  deferred: dict[str, Callable[[], ModelRunner]] | None = None,
@@ -67,13 +72,15 @@ class Pipeline:
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
                     verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
-                    io_binding: bool = True, memory_limit: int | str | None = None) -> Pipeline:
+                    io_binding: bool = True, memory_limit: int | str | None = None,
+                    loras: list | None = None) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
         importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
         ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
         {"device_id": 1}}``), ``io_binding`` for the denoising loop (see backends/onnxruntime.py).
         ``memory_limit``: bytes (or "12G") a generation may use in all; default: what is available
-        when it starts. Requests estimated above it are refused before any model runs."""
+        when it starts. Requests estimated above it are refused before any model runs.
+        ``loras``: ``[(path, scale), ...]`` or ``"PATH[:SCALE]"`` strings, added to the weights (``set_loras``)."""
         import json
 
         directory = Path(directory)
@@ -83,6 +90,7 @@ class Pipeline:
         if missing:
             raise ManifestError(f"{directory} lacks {', '.join(missing)}; re-export without --components "
                                 f"to generate images")
+        update = lora.prepare(directory, manifest, loras) if loras else None  # checked before any model loads
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads,
                               provider_options=provider_options, io_binding=io_binding)
         specs = manifest.components
@@ -97,7 +105,15 @@ class Pipeline:
         except (OSError, ValueError) as exc:
             raise ManifestError(f"{directory}: cannot read scheduler/scheduler_config.json ({exc}); "
                                 f"re-export the model") from exc
-        return cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
+        pipe = cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
+        if update is not None:
+            lora.install(pipe, update)
+        return pipe
+
+    def set_loras(self, loras: list) -> list[dict]:
+        """Replace the LoRAs (``[(path, scale), ...]``; ``[]`` removes them) on the live pipeline: requests
+        in flight finish with the weights they started with. Raises LoraError before changing anything."""
+        return lora.set_loras(self, loras)
 
     def runner(self, name: str) -> ModelRunner:
         """The loaded component, loading a deferred one on first use (once, thread-safe)."""
@@ -125,6 +141,7 @@ class Pipeline:
             memory_limit)
         return self.generate(request, callback)
 
+    @lora.pinned
     def generate(self, request: GenerationRequest,
                  callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
         """Run one request: checked first (``plan``), then encode, denoise, decode."""

@@ -45,6 +45,8 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None
     linear_attention_nodes: int = 0
+    lora_map: str | None = None
+    """The LoRA initializer map (parameter name -> ONNX initializer), relative to the export directory."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
