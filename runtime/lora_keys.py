@@ -165,7 +165,9 @@ def resolve_module(component: str, module: str, known: set[str]) -> str | None:
             return candidate
     if "." not in module:  # kohya: underscores stand for dots
         flat = {m.replace(".", "_"): m for m in known}
-        for candidate in (module, module.removeprefix("text_model_"), sgm_to_diffusers(module)):
+        sgm = sgm_to_diffusers(module, layers_per_block(known)) if module.startswith(("input_", "output_", "middle_")) \
+            else module
+        for candidate in (module, module.removeprefix("text_model_"), sgm):
             if candidate in flat:
                 return flat[candidate]
     return None
@@ -252,23 +254,30 @@ def _alpha(config, component, module, file_alpha, rank) -> tuple[float, bool]:
     return (float(file_alpha) if file_alpha is not None else float(rank)), False
 
 
-_SGM = re.compile(r"^(input_blocks|middle_block|output_blocks)_(\d+)_(\d+)_(.*)$")
+_SGM = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.*)$")
 
 
-def sgm_to_diffusers(module: str) -> str:
-    """kohya's SD-XL UNet names (SGM blocks) -> diffusers' (underscored), for attention blocks.
+def sgm_to_diffusers(module: str, layers_per_block: int = 2) -> str:
+    """kohya's SD-XL UNet names (SGM blocks, underscored) -> diffusers', for the attention blocks.
 
-    SD-XL's input_blocks 4,5 / 7,8 hold down_blocks 1 / 2's attentions 0,1; output_blocks 0-2 / 3-5
-    hold up_blocks 0 / 1's attentions 0-2; middle_block_1 is mid_block.attentions.0.
+    SGM counts layers across blocks: input_blocks 0 is conv_in, then each down block has
+    ``layers_per_block`` layers and a downsampler; each up block has ``layers_per_block + 1`` layers.
+    Layer 1 of an entry is its attention. middle_block_1 is mid_block.attentions.0.
     """
+    if module.startswith("middle_block_1_"):
+        return "mid_block_attentions_0_" + module.removeprefix("middle_block_1_")
     match = _SGM.match(module)
-    if not match:
+    if not match or match[3] != "1":
         return module
-    block, index, layer, rest = match[1], int(match[2]), int(match[3]), match[4]
-    if block == "middle_block":
-        return f"mid_block_attentions_0_{rest}" if index == 1 else module
-    if block == "input_blocks" and layer == 1 and index >= 1:
-        return f"down_blocks_{(index - 1) // 3}_attentions_{(index - 1) % 3}_{rest}"
-    if block == "output_blocks" and layer == 1:
-        return f"up_blocks_{index // 3}_attentions_{index % 3}_{rest}"
+    index, rest, per = int(match[2]), match[4], layers_per_block + 1
+    if match[1] == "input_blocks" and index >= 1 and (index - 1) % per < layers_per_block:
+        return f"down_blocks_{(index - 1) // per}_attentions_{(index - 1) % per}_{rest}"
+    if match[1] == "output_blocks":
+        return f"up_blocks_{index // per}_attentions_{index % per}_{rest}"
     return module
+
+
+def layers_per_block(known: set[str]) -> int:
+    """The UNet's layers per down block, from its module names (down_blocks.0.resnets.N)."""
+    found = [int(m.split(".")[3]) for m in known if m.startswith("down_blocks.0.resnets.")]
+    return max(found) + 1 if found else 2
