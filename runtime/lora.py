@@ -103,6 +103,15 @@ def prepare(directory: str | Path, manifest, loras) -> LoraUpdate:
     return LoraUpdate(weights, records, tuple(specs))
 
 
+def summary(record: dict[str, Any]) -> str:
+    """One line for a ``Pipeline.loras`` record."""
+    line = f"lora {record['file']} (scale {record['scale']:g}): " + ", ".join(
+        f"{n} tensors on {c}" for c, n in record["applied"].items())
+    if record["unplaced"]:
+        line += f"; {record['unplaced']} modules this model lacks, skipped (first: {record['first_unplaced']})"
+    return line
+
+
 def _component_weights(directory: Path, spec, mapping: dict[str, dict], updates) -> dict[str, np.ndarray]:
     sharing: dict[str, list[str]] = {}
     for param, entry in mapping.items():

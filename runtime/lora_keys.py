@@ -126,6 +126,12 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, s
     return tensors, metadata
 
 
+def check_file(path: str | Path) -> None:
+    """What can be checked without the model: a readable safetensors LoRA of a known key layout."""
+    tensors, metadata = read_lora_file(path)
+    lora_modules(tensors, metadata, {}, Path(path).name)
+
+
 def lora_modules(tensors: dict[str, np.ndarray], metadata: dict[str, str], modules: dict[str, set[str]],
                  name: str = "LoRA") -> tuple[list[LoraModule], list[str]]:
     """Convert a file's keys: (updates for modules the model has, keys of modules it lacks).
