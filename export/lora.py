@@ -33,6 +33,7 @@ MAP_NAME = "lora_map.json"
 MAP_FORMAT = "linfusion-lora-map"
 MAP_VERSION = 1
 LINFUSION_PROJECTION = re.compile(r"(^|\.)attn1\.(to_q|to_k|to_v|to_out\.0)$")
+_OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_magnitude_vector|alpha)"
                      r"(\.[a-z_]+)?(\.weight)?$")
 
@@ -104,10 +105,15 @@ def fuse_loras(pipe, loras: list[tuple[str, float]], progress: Callable[[str], N
     records = []
     for index, (path, scale) in enumerate(loras):
         path, adapter = Path(path), f"linfusion_lora_{index}"
-        state = pipe.lora_state_dict(str(path))
-        state = state[0] if isinstance(state, tuple) else state
-        wanted = {_module_of(key) for key in state}
-        pipe.load_lora_weights(str(path), adapter_name=adapter)
+        try:
+            state = pipe.lora_state_dict(str(path))
+            state = state[0] if isinstance(state, tuple) else state
+            wanted = {_module_of(key) for key in state}
+            pipe.load_lora_weights(str(path), adapter_name=adapter)
+        except (IndexError, KeyError, ValueError, RuntimeError) as exc:  # diffusers' converters on odd files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoraError(f"diffusers cannot load {path.name} ({type(exc).__name__}: {first}); add it at run time "
+                            f"instead (linfusion-generate --lora, Pipeline.from_export(loras=...))") from None
         placed = {component: sorted(name for name, module in model.named_modules()
                                     if isinstance(module, BaseTunerLayer) and adapter in module.lora_A)
                   for component, model in lora_components(pipe).items()}
@@ -119,8 +125,16 @@ def fuse_loras(pipe, loras: list[tuple[str, float]], progress: Callable[[str], N
 
 
 def _module_of(key: str) -> tuple[str, str]:
+    """(component, module) of a key of diffusers' ``lora_state_dict``, whichever layout it converted to."""
     component, _, rest = key.partition(".")
-    return component, _SUFFIX.sub("", rest).removeprefix("text_model.")
+    rest = rest.removeprefix("text_model.")
+    old = _OLD_LAYOUT.search(rest)
+    if old:
+        name = f"{old[2]}.0" if old[2] == "to_out" else old[2]
+        name = name if component == "unet" else {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj"}.get(
+            old[2], "out_proj")
+        return component, f"{rest[:old.start()]}.{name}"
+    return component, _SUFFIX.sub("", rest.replace(".lora_linear_layer.", ".lora."))
 
 
 def _record(path: Path, scale: float, placed: dict[str, list[str]], wanted: set[tuple[str, str]]) -> dict:

@@ -90,13 +90,12 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 def check_scale(scale, path: str | Path = "") -> float:
+    from .request import GenerationError, finite
+
     try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise LoraError(f"LoRA scale {scale!r} for {path} is not a number; pass a finite number") from None
-    if not math.isfinite(value):
-        raise LoraError(f"LoRA scale {scale!r} for {path} is not finite; pass a finite number such as 0.8")
-    return value
+        return finite(f"the LoRA scale of {path}", scale)
+    except GenerationError as exc:
+        raise LoraError(f"{exc}; pass a finite number such as 0.8") from None
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -108,8 +107,10 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, s
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = handle.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    if not safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # zip (torch.save) or pickle protocol 2+
         raise LoraError(f"{path} is a PyTorch pickle despite its name; it is never opened here: convert it "
                         f"to .safetensors")
     from safetensors import SafetensorError, safe_open

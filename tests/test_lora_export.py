@@ -42,9 +42,9 @@ def test_export_time_fusion_equals_hot_swap(exported, tmp_path):
                                      disabled_optimizers=["NchwcTransformer"])
         theirs, ours = fused.run(None, inputs)[0], hot.runners[name].run(inputs)[hot.runners[name].output_names[0]]
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), name
-    # and the LoRAs matter: the plain export is far off
-    plain = ort.InferenceSession(str(exported("tiny-sd") / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert np.abs(plain.run(None, feeds)[0] - theirs).max() > 0.05 * np.abs(theirs).max()
+        # and the LoRAs matter: the plain export is far off
+        plain = ort.InferenceSession(str(exported("tiny-sd") / name / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert np.abs(plain.run(None, inputs)[0] - theirs).max() > 0.01 * np.abs(theirs).max(), name
 
 
 def test_export_reports_what_diffusers_cannot_place(tmp_path):
@@ -71,7 +71,7 @@ def test_export_refuses_bad_loras_before_tracing(tmp_path, capsys, case):
     elif case == "scale":
         save_file({"unet.a.lora_A.weight": np.ones((1, 2), np.float32),
                    "unet.a.lora_B.weight": np.ones((2, 1), np.float32)}, str(tmp_path / "s.safetensors"))
-        arg, words = f"{tmp_path / 's.safetensors'}:inf", "not finite"
+        arg, words = f"{tmp_path / 's.safetensors'}:inf", "must be a finite number"
     else:
         path = make_peft_lora("tiny-sdxl", tmp_path, text=False)  # SD-XL's UNet LoRA on SD's UNet
         arg, words = str(path), "another architecture"

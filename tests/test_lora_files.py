@@ -95,7 +95,7 @@ def test_scale_argument():
     assert parse_lora_arg("style.safetensors:0.8") == ("style.safetensors", 0.8)
     assert parse_lora_arg("C:/loras/a.safetensors:-1e-1") == ("C:/loras/a.safetensors", -0.1)
     for bad in ("a.safetensors:nan", "a.safetensors:inf", "a.safetensors:-Infinity"):
-        with pytest.raises(LoraError, match="not finite"):
+        with pytest.raises(LoraError, match="must be a finite number"):
             parse_lora_arg(bad)
 
 
