@@ -39,6 +39,10 @@ _SWAP = threading.Lock()
 _SERIAL = threading.Lock()
 """set_loras calls run one at a time."""
 _PINS = threading.local()
+_USERS: dict[int, int] = {}
+"""id(runner) -> how many generations have it pinned (under _SWAP)."""
+_RETIRED: dict[int, Any] = {}
+"""Runners set_loras swapped out while generations still used them: closed when the last one ends."""
 
 
 @dataclass
@@ -186,10 +190,15 @@ def install(pipe, update: LoraUpdate, rebuild: Callable | None = None) -> None:
         encoders = [built.get(name, real[name]) for name in pipe.facts.text_encoders]
         text = TextStack(text.tokenizers, encoders, text.xl)
     with _SWAP:
+        old = [real[name] for name in built]
         real.update(built)
+        closing = [runner for runner in old if not _USERS.get(id(runner))]
+        _RETIRED.update({id(runner): runner for runner in old if _USERS.get(id(runner))})
         pipe.__dict__["text"] = text
         pipe.__dict__["_lora_changed"] = {name: set(weights) for name, weights in update.weights.items()}
         pipe.__dict__["loras"] = update.records
+    for runner in closing:  # a TensorRT engine's GPU memory; nothing for ONNX Runtime
+        runner.close()
 
 
 def _rebuilder(pipe) -> Callable:
@@ -262,9 +271,19 @@ def pinned(method: Callable) -> Callable:
             live = self.__dict__["runners"]
             maps = [n for n, s in self.manifest.components.items() if getattr(s, "lora_map", None) and n in live]
             pins[id(self)] = {"runners": {name: live[name] for name in maps}, "text": self.__dict__["text"]}
+            for runner in pins[id(self)]["runners"].values():
+                _USERS[id(runner)] = _USERS.get(id(runner), 0) + 1
         try:
             return method(self, *args, **kwargs)
         finally:
-            del pins[id(self)]
+            closing = []
+            with _SWAP:
+                for runner in pins.pop(id(self))["runners"].values():
+                    _USERS[id(runner)] -= 1
+                    if not _USERS[id(runner)]:
+                        del _USERS[id(runner)]
+                        closing += [_RETIRED.pop(id(runner))] if id(runner) in _RETIRED else []
+            for runner in closing:
+                runner.close()
 
     return wrapper

@@ -116,12 +116,16 @@ def test_set_loras_while_a_request_runs(exported, loras):
 
     worker = threading.Thread(target=lambda: result.update(image=pipe(PROMPT, latents=latents, callback=hold,
                                                                       **ARGS).images))
+    old_unet, closed = pipe.runners["unet"], []
+    old_unet.close = lambda: closed.append("unet")  # a TensorRT engine frees its GPU memory there
     worker.start()
     assert started.wait(60)
     applied = pipe.set_loras([(path, 0.8)])
+    assert closed == []  # still in use
     swapped.set()
     after = pipe(PROMPT, latents=latents, **ARGS).images
     worker.join(60)
+    assert closed == ["unet"]  # closed once the request in flight was done with it, not before
     assert applied[0]["applied"] == {"text_encoder": 9, "unet": 70}
     assert psnr(result["image"], base) >= 60  # in flight: the old weights all the way
     assert psnr(after, with_lora) >= 60
