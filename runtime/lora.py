@@ -4,8 +4,8 @@
 LoRA's ``scale * alpha / rank * up @ down`` is added in numpy to the export's own weights (read
 from the ONNX file, ``lora_onnx``), found through the export's initializer map
 (``<component>/lora_map.json``, written by ``linfusion.export.lora``), and the UNet and text
-encoder sessions are created again with those initializers overridden
-(``SessionOptions.add_initializer``): no re-export, no torch. Several LoRAs add up in order, as
+encoder sessions are created again from the model with those weights written in, in memory
+(``onnxruntime_runner``): no re-export, no torch. Several LoRAs add up in order, as
 diffusers' load + fuse does. Every file and scale is checked, and every update computed, before
 any session is built, so a bad LoRA leaves the pipeline as it was.
 
@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 
 from .lora_keys import LoraError, LoraModule, check_scale, lora_modules, parse_lora_arg, read_lora_file
-from .lora_onnx import OnnxReadError, read_initializers
+from .lora_onnx import OnnxReadError, patched_model, read_initializers
 
 __all__ = ["LoraError", "LoraUpdate", "install", "pinned", "prepare"]
 
 MAP_FORMAT = "linfusion-lora-map"
-NCHWC = "NchwcTransformer"
 _SWAP = threading.Lock()
 """Held only while a generation pins its models or set_loras swaps them in (microseconds)."""
 _SERIAL = threading.Lock()
@@ -149,8 +148,14 @@ def _component_weights(directory: Path, spec, mapping: dict[str, dict], updates)
 
 
 def onnxruntime_runner(runner, directory: Path, spec, weights: dict[str, np.ndarray], restore: set[str]):
-    """A new ONNX Runtime session of ``spec``'s model like ``runner``'s (options, providers), with
-    ``weights`` overridden (``restore``, the weights an earlier LoRA changed, come from the file)."""
+    """A new ONNX Runtime session of ``spec``'s model like ``runner``'s (options, providers), from the model
+    with ``weights`` written in (``restore``, weights an earlier LoRA changed, come from the file anyway).
+
+    The model is rewritten in memory (``lora_onnx.patched_model``), not overridden with
+    ``SessionOptions.add_initializer``: ORT's graph transformers (NCHWc convolution layouts, fp16 fusions)
+    read initializers from the model, not the overrides (measured: LoRAs on 1x1 convs and every LoRA on an
+    fp16 export were lost), so only a model that holds the new values is optimized as the fused export is.
+    """
     import onnxruntime as ort
 
     from .backends.onnxruntime import OnnxRuntimeRunner
@@ -160,19 +165,18 @@ def onnxruntime_runner(runner, directory: Path, spec, weights: dict[str, np.ndar
     for attribute in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
                       "execution_mode", "enable_cpu_mem_arena", "enable_mem_pattern", "log_severity_level"):
         setattr(options, attribute, getattr(old, attribute))
-    values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in weights.items()}
-    for name, value in values.items():
-        options.add_initializer(name, value)
+    try:
+        model, external = patched_model(Path(directory) / spec.path, weights)
+    except OnnxReadError as exc:
+        raise LoraError(str(exc)) from None
+    if external:  # weights in model.onnx_data: the file's contents from memory, copy-on-write
+        options.add_external_initializers_from_files_in_memory(list(external), list(external.values()),
+                                                               [array.size for array in external.values()])
     provider_options = runner.session.get_provider_options()
     providers = [(name, provider_options.get(name, {})) for name in runner.session.get_providers()]
-    # ORT's NCHWc layout transformer re-lays convolution weights from the file, not from add_initializer
-    # (measured: a LoRA on a 1x1 conv was lost); it is left out when a convolution weight is overridden.
-    disabled = [NCHWC] if any(value.ndim == 4 for value in weights.values()) else None
-    session = ort.InferenceSession(str(Path(directory) / spec.path), options, providers=providers,
-                                   disabled_optimizers=disabled)
-    new = OnnxRuntimeRunner(runner.name, runner.spec, session, runner.io_binding)
-    new.lora_buffers = (weights, values)  # ORT reads them in place: they live as long as the session
-    return new
+    session = ort.InferenceSession(model, options, providers=providers)
+    del external  # ORT copied what it needs
+    return OnnxRuntimeRunner(runner.name, runner.spec, session, runner.io_binding)
 
 
 def install(pipe, update: LoraUpdate, rebuild: Callable | None = None) -> None:

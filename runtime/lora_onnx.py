@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,21 @@ def _tensor(buf, start: int, end: int) -> tuple[str, np.ndarray | None]:
     return name, (dims, dtype, raw, external)
 
 
-def read_initializers(path: str | Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Copies of the initializers ``names`` of the ONNX file at ``path`` (inline or external data)."""
+@dataclass(frozen=True)
+class Location:
+    """Where an initializer's raw bytes are: in the model file itself (``file`` None) or an external file."""
+
+    dims: tuple[int, ...]
+    dtype: np.dtype
+    file: str | None
+    offset: int
+    nbytes: int
+
+
+def locate(path: str | Path, names: Iterable[str]) -> dict[str, Location]:
+    """The ``Location`` of each initializer in ``names`` of the ONNX file at ``path``."""
     path = Path(path)
-    wanted = set(names)
-    found: dict[str, np.ndarray] = {}
+    wanted, found = set(names), {}
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         graph = next(((a, b) for f, w, a, b in _fields(buf, 0, len(buf)) if f == _MODEL_GRAPH and w == 2), None)
         if graph is None:
@@ -97,26 +108,55 @@ def read_initializers(path: str | Path, names: Iterable[str]) -> dict[str, np.nd
             if name not in wanted:
                 continue
             if DTYPES.get(dtype) is None:
-                raise OnnxReadError(f"{path}: initializer {name} has ONNX data type {dtype}; this reader takes float and int tensors")
-            found[name] = _values(buf, path, name, dims, np.dtype(DTYPES[dtype]), raw, external)
+                raise OnnxReadError(f"{path}: initializer {name} has ONNX data type {dtype}; this reader takes float "
+                                    f"and int tensors")
+            dtype = np.dtype(DTYPES[dtype])
+            nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            if raw is not None:
+                found[name] = Location(tuple(dims), dtype, None, raw[0], nbytes)
+            elif external:
+                location = external.get("location", "")
+                if (path.parent / location).resolve().parent != path.parent.resolve():
+                    raise OnnxReadError(f"{path}: initializer {name} points outside the export folder")
+                found[name] = Location(tuple(dims), dtype, location, int(external.get("offset", 0)), nbytes)
+            else:
+                raise OnnxReadError(f"{path}: initializer {name} is not stored as raw data; re-export the model")
     missing = wanted - set(found)
     if missing:
         raise OnnxReadError(f"{path} has no initializer {min(missing)}; re-export the model")
     return found
 
 
-def _values(buf, path: Path, name: str, dims: list[int], dtype: np.dtype, raw, external) -> np.ndarray:
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    if raw is not None:
-        data = np.frombuffer(buf, dtype=dtype, count=count, offset=raw[0])
-    elif external:
-        location = path.parent / external["location"]
-        if location.resolve().parent != path.parent.resolve():
-            raise OnnxReadError(f"{path}: initializer {name} points outside the export folder")
-        offset = int(external.get("offset", 0))
-        data = np.fromfile(location, dtype=dtype, count=count, offset=offset)
-        if data.size != count:
-            raise OnnxReadError(f"{location} is shorter than initializer {name} needs; re-export the model")
-    else:
-        raise OnnxReadError(f"{path}: initializer {name} is not stored as raw data; re-export the model")
-    return np.array(data.reshape(dims), copy=True)
+def read_initializers(path: str | Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Copies of the initializers ``names`` of the ONNX file at ``path`` (inline or external data)."""
+    path = Path(path)
+    result = {}
+    for name, where in locate(path, names).items():
+        source = path if where.file is None else path.parent / where.file
+        data = np.fromfile(source, dtype=where.dtype, count=where.nbytes // where.dtype.itemsize, offset=where.offset)
+        if data.nbytes != where.nbytes:
+            raise OnnxReadError(f"{source} is shorter than initializer {name} needs; re-export the model")
+        result[name] = data.reshape(where.dims)
+    return result
+
+
+def patched_model(path: str | Path, values: dict[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The ONNX file at ``path`` with the initializers ``values`` replaced, as ONNX Runtime takes it from
+    memory: the model's bytes, and each external data file as a uint8 array (a copy-on-write map of the
+    file: only the pages holding replaced weights take memory). Same names, shapes and dtypes only."""
+    path = Path(path)
+    model = bytearray(path.read_bytes())
+    external: dict[str, np.ndarray] = {}
+    for name, where in locate(path, values).items():
+        value = np.ascontiguousarray(values[name], dtype=where.dtype)
+        if value.nbytes != where.nbytes:
+            raise OnnxReadError(f"{name}: {value.nbytes} bytes for a {where.nbytes}-byte initializer")
+        if where.file is None:
+            model[where.offset:where.offset + where.nbytes] = value.tobytes()
+            continue
+        if where.file not in external:
+            with open(path.parent / where.file, "rb") as handle:
+                external[where.file] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY),
+                                                     dtype=np.uint8)
+        external[where.file][where.offset:where.offset + where.nbytes] = value.reshape(-1).view(np.uint8)
+    return bytes(model), external

@@ -37,9 +37,7 @@ def test_export_time_fusion_equals_hot_swap(exported, tmp_path):
              "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
     ids = {"input_ids": rng.integers(0, 1000, (2, 77))}
     for name, inputs in (("unet", feeds), ("text_encoder", ids)):
-        # the runtime leaves ORT's NCHWc transformer out when it overrides convolution weights (runtime/lora.py)
-        fused = ort.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"],
-                                     disabled_optimizers=["NchwcTransformer"])
+        fused = ort.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
         theirs, ours = fused.run(None, inputs)[0], hot.runners[name].run(inputs)[hot.runners[name].output_names[0]]
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), name
         # and the LoRAs matter: the plain export is far off

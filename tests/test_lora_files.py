@@ -210,3 +210,36 @@ def test_sdxl_kohya_conversion_matches_diffusers(tmp_path):
     save_file(tensors, str(tmp_path / "unet_only.safetensors"))
     from_kohya, _ = _diffusers_deltas("tiny-sdxl", tmp_path / "unet_only.safetensors", 1.0)
     assert set(from_kohya) == {k for k in expected if k[0] == "unet"}
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_patched_model_runs_with_new_weights(tmp_path, external):
+    """The in-memory rewrite the runtime builds sessions from, for weights in model.onnx and in
+    model.onnx_data; numpy computes the expected output, and the file on disk stays as it was."""
+    import onnx
+    import onnxruntime as ort
+    from linfusion.runtime.lora_onnx import patched_model, read_initializers
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Cast", ["w2"], ["w2f"], to=1),
+             helper.make_node("MatMul", ["x", "w2f"], ["b"]), helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+              save_as_external_data=external, location="model.onnx_data", size_threshold=0)
+    assert (tmp_path / "model.onnx_data").exists() == external
+    new1, new2 = w1 + 1.0, (w2 * 3).astype(np.float16)
+    model, files = patched_model(path, {"w1": new1, "w2": new2})
+    options = ort.SessionOptions()
+    if files:
+        options.add_external_initializers_from_files_in_memory(list(files), list(files.values()),
+                                                               [a.size for a in files.values()])
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    y = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ new1 + x @ new2.astype(np.float32), rtol=1e-5, atol=1e-5)
+    on_disk = read_initializers(path, ["w1", "w2"])
+    assert np.array_equal(on_disk["w1"], w1) and np.array_equal(on_disk["w2"], w2) and on_disk["w2"].dtype == np.float16
