@@ -8,9 +8,9 @@ or the exporter runs. What diffusers could not place, and what it placed on LinF
 attn1 projections (LinFusion keeps the names to_q/to_k/to_v/to_out.0), is counted in one line.
 
 The initializer map (``<component>/lora_map.json``): for every weight of two or more dimensions of
-the UNet and the text encoders, the ONNX initializer holding it and whether it is stored
-transposed (the exporter folds ``Linear`` weights into transposed ``MatMul`` constants). It is
-found by content, since the exporter renames folded constants (``val_123``): each weight's bytes
+the UNet and the text encoders, the ONNX initializers holding it (a weight may be stored more than
+once) and whether each is stored transposed (the exporter folds ``Linear`` weights into transposed
+``MatMul`` constants). It is found by content, since the exporter renames folded constants (``val_123``): each weight's bytes
 are matched against every initializer and the transpose of every 2-D one. A weight the exporter
 folded into something else (a GroupNorm scale) is absent; a LoRA on it cannot be hot-swapped.
 """
@@ -44,7 +44,8 @@ def _content_key(array: np.ndarray) -> tuple:
 
 
 def initializer_map(parameters: dict[str, np.ndarray], initializers: dict[str, np.ndarray]) -> dict[str, dict]:
-    """parameter name -> {"initializer": name, "transposed": bool} for each parameter of 2+ dims found."""
+    """parameter name -> {"initializers": [[name, transposed], ...]}: every initializer holding the parameter's
+    values (or their transpose), for each parameter of 2+ dims found."""
     by_content: dict[tuple, list[tuple[str, bool]]] = {}
     for name, array in initializers.items():
         if array.ndim >= 2:
@@ -55,8 +56,7 @@ def initializer_map(parameters: dict[str, np.ndarray], initializers: dict[str, n
     for name, array in parameters.items():
         hits = by_content.get(_content_key(array)) if array.ndim >= 2 else None
         if hits:
-            initializer, transposed = min(hits, key=lambda hit: (not hit[0].endswith(name), hit[1], hit[0]))
-            found[name] = {"initializer": initializer, "transposed": transposed}
+            found[name] = {"initializers": sorted([hit_name, transposed] for hit_name, transposed in set(hits))}
     return found
 
 

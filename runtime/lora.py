@@ -116,34 +116,34 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def _component_weights(directory: Path, spec, mapping: dict[str, dict], updates) -> dict[str, np.ndarray]:
+    """New values of every initializer that holds a weight the updates change (a weight the exporter stored
+    several times, e.g. once per token-chunk window, is changed in every copy)."""
     sharing: dict[str, list[str]] = {}
     for param, entry in mapping.items():
-        sharing.setdefault(entry["initializer"], []).append(param)
-    entries = {}
+        for name, _ in entry["initializers"]:
+            sharing.setdefault(name, []).append(param)
     for module, _ in updates:
         param = f"{module.module}.weight"
         if param not in mapping:  # known comes from the map, so this cannot happen
             raise LoraError(f"{module.key}: {param} is not in the export's initializer map; re-export the model")
-        entry = mapping[param]
-        others = [p for p in sharing[entry["initializer"]] if p != param]
+        others = [p for name, _ in mapping[param]["initializers"] for p in sharing[name] if p != param]
         if others:
             raise LoraError(f"{module.key}: the export stores {param} in one ONNX weight with {others[0]} (equal "
                             f"values), so it cannot be changed alone; fuse this LoRA at export (linfusion-export "
                             f"--lora)")
-        entries[param] = entry
+    names = {name for module, _ in updates for name, _ in mapping[f"{module.module}.weight"]["initializers"]}
     try:
-        base = read_initializers(Path(directory) / spec.path, {e["initializer"] for e in entries.values()})
+        base = read_initializers(Path(directory) / spec.path, names)
     except OnnxReadError as exc:
         raise LoraError(str(exc)) from None
     result: dict[str, np.ndarray] = {}
     for module, scale in updates:  # in order: sequential fusion, as diffusers fuses one LoRA after another
-        entry = entries[f"{module.module}.weight"]
-        name = entry["initializer"]
-        current = result.get(name, base[name].astype(np.float32))
-        if entry["transposed"]:
-            result[name] = current + module.delta(current.T.shape, scale).T
-        else:
-            result[name] = current + module.delta(current.shape, scale)
+        for name, transposed in mapping[f"{module.module}.weight"]["initializers"]:
+            current = result.get(name, base[name].astype(np.float32))
+            if transposed:
+                result[name] = current + module.delta(current.T.shape, scale).T
+            else:
+                result[name] = current + module.delta(current.shape, scale)
     return {name: np.ascontiguousarray(value.astype(base[name].dtype)) for name, value in result.items()}
 
 

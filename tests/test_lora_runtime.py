@@ -180,3 +180,20 @@ def test_generate_cli(exported, loras, tmp_path, capsys):
                  "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "pickle" in err and "never opened" in err and len(err.splitlines()) == 1
+
+
+def test_hot_swap_on_an_fp16_export(exported, loras):
+    """fp16 weights get the update too (ORT's fp16 fusions once dropped overridden initializers): the fp16
+    UNet with the LoRA is close to the fp32 one with it, and far from the fp16 one without."""
+    from linfusion.runtime import Pipeline
+
+    path = loras("tiny-sd")
+    fp32 = Pipeline.from_export(exported("tiny-sd"), backend="onnxruntime", loras=[(path, 0.8)]).runners["unet"]
+    fp16 = Pipeline.from_export(exported("tiny-sd", "fp16"), backend="onnxruntime", loras=[(path, 0.8)])
+    plain = Pipeline.from_export(exported("tiny-sd", "fp16"), backend="onnxruntime").runners["unet"]
+    feeds = unet_feeds(fp32, np.random.default_rng(4))
+    ref = fp32.run(feeds)["out_sample"]
+    half = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feeds.items()}
+    scale = np.abs(ref).max()
+    assert np.abs(fp16.runners["unet"].run(half)["out_sample"].astype(np.float32) - ref).max() <= 1e-2 * scale
+    assert np.abs(plain.run(half)["out_sample"].astype(np.float32) - ref).max() > 0.1 * scale
