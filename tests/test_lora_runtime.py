@@ -58,6 +58,7 @@ def unet_feeds(runner, rng):
     return feeds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl"])
 def test_hot_swap_matches_diffusers(exported, loras, preset):
     """UNet and text encoder(s): the outputs of diffusers' fused modules (within the export's parity bound; the
@@ -182,6 +183,7 @@ def test_generate_cli(exported, loras, tmp_path, capsys):
     assert "pickle" in err and "never opened" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_hot_swap_on_an_fp16_export(exported, loras):
     """fp16 weights get the update too (ORT's fp16 fusions once dropped overridden initializers): the fp16
     UNet with the LoRA is close to the fp32 one with it, and far from the fp16 one without."""
