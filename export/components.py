@@ -116,7 +116,11 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
     inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled)
 
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        tensors = (torch.randn(batch, channels, height, width, generator=g).to(dtype),
+        sample = torch.randn(batch, channels, height, width, generator=g)
+        latent = pipe.vae.config.latent_channels
+        if channels == 2 * latent + 1:  # an inpainting UNet: latents, a 0/1 mask, masked-image latents
+            sample[:, latent] = (torch.rand(batch, height, width, generator=g) < 0.5).float()
+        tensors = (sample.to(dtype),
                    torch.rand(batch, generator=g) * 999.0,
                    torch.randn(batch, TEXT_LENGTH, context, generator=g).to(dtype))
         if xl:

@@ -55,9 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: TensorRT engines when built and importable here, else ONNX Runtime")
     p.add_argument("--init-image", help="image for img2img (SDEdit) (default: none, text to image)")
+    p.add_argument("--mask-image",
+                   help="inpainting: white where --init-image is regenerated (resized like diffusers; a mask of "
+                        "other proportions is refused) (default: none)")
     p.add_argument("--strength", type=float,
                    help="img2img: share of the schedule re-noised, in (0, 1] "
-                        "(default: 0.8 with --init-image)")
+                        "(default: 0.8 with --init-image, 1 with --mask-image)")
     p.add_argument("--latents", help=".npy file with the initial noise [B, 4, H/8, W/8] (default: drawn from "
                                      "the seed)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -139,6 +142,10 @@ def preflight(args: argparse.Namespace) -> list[Path]:
         args.hires = hires.from_cli(args)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.mask_image is not None:
+        from .inpaint import check_mask_file
+
+        check_mask_file(args.mask_image, args.init_image)
     if args.lora:
         from .lora_keys import LoraError, check_file, parse_lora_arg
 
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
-                      cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress)
+                      cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress,
+                      mask_image=args.mask_image)
     except (ManifestError, GenerationError, BackendError, LoraError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):
