@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
                         "2^31 - 1, TensorRT's limit)")
     p.add_argument("--skip-parity", action="store_true",
                    help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya) into the weights through diffusers' "
+                        "load_lora_weights + fuse_lora; repeatable, applied in order (default scale 1.0)")
     p.add_argument("--offline", action="store_true", help="use only the local hub cache")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--verbose", action="store_true", help="show library warnings and exporter logs")
@@ -91,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             return fail(PROG, f"unknown component(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(available_components(True))}")
 
+    from linfusion.runtime.lora_keys import LoraError, check_file, parse_lora_arg
+
+    try:  # the files themselves (pickles, damaged files, key formats, alphas, ranks) before the model loads
+        loras = [parse_lora_arg(text) for text in args.lora]
+        for path, _ in loras:
+            check_file(path)
+    except LoraError as exc:
+        return fail(PROG, exc)
+
     from linfusion.runtime.signals import Terminated, terminations_interrupt
 
     from linfusion.loader import load_pipeline
@@ -106,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({args.precision}, opset {args.opset})", flush=True)
             export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
                             args.skip_parity, progress=lambda line: print(line, flush=True),
-                            max_size=max_size, tensor_limit=args.tensor_limit)
+                            max_size=max_size, tensor_limit=args.tensor_limit, loras=loras)
     except ModelSourceError as exc:  # the API words the remedy for Python callers; say it in flags here
         hint = getattr(exc, "cli_hint", None)
         return fail(PROG, f"{getattr(exc, 'problem', exc)}; {hint}" if hint else exc)
-    except (CheckpointMismatchError, ExportError, ExportCheckError, OSError) as exc:
+    except (CheckpointMismatchError, ExportError, ExportCheckError, LoraError, OSError) as exc:
         return fail(PROG, exc)
     except Terminated as exc:
         fail(PROG, f"{exc}; nothing was written")

@@ -36,6 +36,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 from linfusion.loader import LoadedPipeline
 
 from . import chunking, onnx_file
+from . import lora as export_lora
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
 
@@ -54,12 +55,14 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
                     components: list[str] | None = None, force: bool = False, skip_parity: bool = False,
                     progress: Callable[[str], None] = print,
                     max_size: tuple[int, int] = chunking.DEFAULT_MAX_SIZE,
-                    tensor_limit: int = chunking.DEFAULT_TENSOR_LIMIT) -> Manifest:
+                    tensor_limit: int = chunking.DEFAULT_TENSOR_LIMIT,
+                    loras: list[tuple[str, float]] | None = None) -> Manifest:
     """Trace, check and package every requested component of ``loaded`` into ``output``.
 
     The UNet is token-chunked so that no tensor exceeds ``tensor_limit`` elements up to
     ``max_size`` = (width, height) pixels at batch 1 (``chunking``); a tensor that cannot be
-    kept under it is refused before anything is traced."""
+    kept under it is refused before anything is traced. ``loras`` (path, scale) are fused
+    first, through diffusers (``export.lora``)."""
     output = Path(output)
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported precision '{precision}'; choose fp32 or fp16")
@@ -80,6 +83,7 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
         raise ExportError(str(exc)) from exc
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it")
+    lora_records = export_lora.fuse_loras(loaded.pipeline, loras, progress) if loras else []
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output.parent, progress)
     # SIGTERM / SIGHUP would kill the process without the cleanup below: raise Terminated instead.
@@ -88,7 +92,7 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
         _ACTIVE.add(staging.name)
         try:
             manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress,
-                                    (int(max_size[0]), int(max_size[1])), tensor_limit)
+                                    (int(max_size[0]), int(max_size[1])), tensor_limit, lora_records)
             normal_permissions(staging)  # mkdtemp made it 0700: give it the umask's modes
             _replace_directory(staging, output)
         except OSError as exc:
@@ -183,7 +187,7 @@ def remove_stale_staging(parent: Path, progress: Callable[[str], None] = print) 
 
 def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: int, names: list[str],
                  skip_parity: bool, progress: Callable[[str], None], max_size: tuple[int, int],
-                 tensor_limit: int) -> Manifest:
+                 tensor_limit: int, lora_records: list[dict]) -> Manifest:
     pipe = loaded.pipeline
     dtype = PRECISIONS[precision]
     latent_multiple = 2 ** pipe.unet.num_upsamplers
@@ -213,6 +217,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
                               f"nodes in the graph")
         target = folder / component.name / "model.onnx"
         target.parent.mkdir(parents=True)
+        lora_map = export_lora.write_initializer_map(component, model, target.parent)
         external = onnx_file.save(model, target)
         del model
         onnx_file.check(target)
@@ -230,7 +235,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
         specs[component.name] = ComponentSpec(
             component.kind.name, f"{component.name}/model.onnx", precision_name, component.inputs,
             component.outputs, external and f"{component.name}/{external}", nodes,
-            largest[component.name].largest_tensor())
+            largest[component.name].largest_tensor(), lora_map=lora_map and f"{component.name}/{lora_map}")
 
     _save_tokenizers(pipe, loaded.is_xl, folder)
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
@@ -239,7 +244,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
         source=loaded.provenance(), precision=precision, opset=opset,
         pipeline=replace(_pipeline_facts(pipe, loaded.is_xl, latent_multiple), max_size=max_size,
                          tensor_limit=tensor_limit, max_batch2_size=plan and plan.max_batch2_size),
-        components=specs, tools=_tool_versions(), parity=parity)
+        components=specs, tools=_tool_versions(), parity=parity, loras=lora_records)
     manifest = manifest.with_files(file_records(folder))
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                         "side, on sizes tiles from a memory budget, PIXELS is the tile edge (e.g. 1024)")
     hires.add_cli_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its own choice)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="add a LoRA (.safetensors, diffusers/PEFT or kohya) to the weights at load time, no "
+                        "re-export; repeatable, summed in order (default scale 1.0)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
     p.add_argument("--memory-limit", metavar="SIZE",
                    help="memory the generation may use in all, e.g. 12G or 800M (default: what is available "
@@ -143,6 +146,15 @@ def preflight(args: argparse.Namespace) -> list[Path]:
         from .inpaint import check_mask_file
 
         check_mask_file(args.mask_image, args.init_image)
+    if args.lora:
+        from .lora_keys import LoraError, check_file, parse_lora_arg
+
+        try:
+            args.lora = [parse_lora_arg(text) for text in args.lora]
+            for path, _ in args.lora:
+                check_file(path)
+        except LoraError as exc:
+            raise CliError(f"--lora: {exc}") from None
     if args.scheduler is not None:
         from .schedulers import SCHEDULERS
 
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from .backends.select import BackendError
+    from .lora_keys import LoraError
     from .pipeline import Pipeline
 
     latents = None
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         pipe = Pipeline.from_export(args.directory, backend=args.backend, verify=not args.no_verify,
-                                    intra_op_threads=args.threads, memory_limit=args.memory_limit)
+                                    intra_op_threads=args.threads, memory_limit=args.memory_limit,
+                                    loras=args.lora or None)
         load_time = time.perf_counter() - start
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
                       cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress,
                       mask_image=args.mask_image)
-    except (ManifestError, GenerationError, BackendError) as exc:
+    except (ManifestError, GenerationError, BackendError, LoraError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):
         paths = numbered_paths(Path(args.output).expanduser(), len(result.images))
@@ -220,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seed {result.seed}; scheduler {scheduler}; backend {pipe.backend}; load {load_time:.2f}s, "
           f"encode {t['encode']:.2f}s, UNet {t['unet_per_step']:.3f}s/step, denoise {t['denoise']:.2f}s, "
           f"decode {t['decode']:.2f}s, total {t['total']:.2f}s")
+    if pipe.loras:
+        from .lora import summary
+
+        print("\n".join(summary(record) for record in pipe.loras))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -44,6 +44,8 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    """LoRAs fused at export (``linfusion-export --lora``): file, sha256, scale, tensors applied per component."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 

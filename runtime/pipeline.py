@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import inpaint, limits, memory, model_cache, vae
+from . import inpaint, limits, lora, memory, model_cache, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -48,6 +48,10 @@ class Pipeline:
 
     cache: model_cache.ModelCache | None = None
     """ONNX Runtime's cache of optimised models, when in use (``from_export``'s ``cache_dir``)."""
+    runners = lora.Pinned()  # a generation keeps the UNet and text encoders it started with (set_loras)
+    text = lora.Pinned()
+    loras: tuple = ()
+    """What ``set_loras`` / ``from_export(loras=...)`` applied, per file."""
 
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, ModelRunner],
                  tokenizers: list[ClipTokenizer], scheduler_config: dict[str, Any], backend: str,
@@ -74,7 +78,7 @@ class Pipeline:
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
                     verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
                     io_binding: bool = True, memory_limit: int | str | None = None,
-                    cache_dir: str | Path | bool | None = None) -> Pipeline:
+                    cache_dir: str | Path | bool | None = None, loras: list | None = None) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
         importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
         ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
@@ -82,7 +86,9 @@ class Pipeline:
         ``memory_limit``: bytes (or "12G") a generation may use in all; default: what is available
         when it starts. Requests estimated above it are refused before any model runs.
         ``cache_dir``: where ONNX Runtime's optimised models are cached (``runtime.model_cache``;
-        default ``$LINFUSION_CACHE`` or ``~/.cache/linfusion/ort``; False turns it off)."""
+        default ``$LINFUSION_CACHE`` or ``~/.cache/linfusion/ort``; False turns it off).
+        ``loras``: ``[(path, scale), ...]`` or ``"PATH[:SCALE]"`` strings, added to the weights
+        (``set_loras``)."""
         import json
 
         directory = Path(directory)
@@ -92,6 +98,7 @@ class Pipeline:
         if missing:
             raise ManifestError(f"{directory} lacks {', '.join(missing)}; re-export without --components "
                                 f"to generate images")
+        update = lora.prepare(directory, manifest, loras) if loras else None  # checked before any model loads
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads,
                               provider_options=provider_options, io_binding=io_binding)
         cache = model_cache.attach(chosen, directory, manifest, cache_dir, verify)
@@ -109,7 +116,14 @@ class Pipeline:
                                 f"re-export the model") from exc
         pipe = cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
         pipe.cache = cache
+        if update is not None:
+            lora.install(pipe, update)
         return pipe
+
+    def set_loras(self, loras: list) -> list[dict]:
+        """Replace the LoRAs (``[(path, scale), ...]``; ``[]`` removes them) on the live pipeline: requests
+        in flight finish with the weights they started with. Raises LoraError before changing anything."""
+        return lora.set_loras(self, loras)
 
     def runner(self, name: str) -> ModelRunner:
         """The loaded component, loading a deferred one on first use (once, thread-safe)."""
@@ -140,6 +154,7 @@ class Pipeline:
             memory_limit, hires, mask_image=mask_image)
         return self.generate(request, callback)
 
+    @lora.pinned
     def generate(self, request: GenerationRequest, callback: Callable[..., None] | None = None,
                  generator: TorchCompatibleGenerator | None = None) -> PipelineOutput:
         """Run one request: checked first (``plan``), then encode, denoise, decode. A request with

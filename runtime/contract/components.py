@@ -61,6 +61,8 @@ class ComponentSpec:
     largest_tensor: LargestTensor | None = None
     """At ``PipelineFacts.max_size`` and batch 1 (None in older exports). Only the UNet is held under
     the tensor limit; the VAE is tiled by the runtime, so its entry says what an untiled run would need."""
+    lora_map: str | None = None
+    """The LoRA initializer map (parameter name -> ONNX initializer), relative to the export directory."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
