@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from safetensors.numpy import save_file
-
 from linfusion.runtime import lora
 from linfusion.runtime.lora_onnx import patched_model, read_initializers
 from linfusion.runtime.manifest import load_manifest
+from safetensors.numpy import save_file
 
 TARGET = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q|k|v|out)_proj)\.weight$")
 directory, rank = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 32
