@@ -17,7 +17,14 @@ from linfusion.runtime.manifest import Manifest, ManifestError, check_files, loa
 from . import reference_file
 from .targets import BACKENDS, OnnxRuntimeTarget, TensorRTTarget, backend_status
 from .cases import CaseError, check_components, check_sizes, default_sizes, plan
-from .end_to_end import EndToEndResult, EndToEndSettings, compare_images, diffusers_image, runtime_image
+from .end_to_end import (
+    EndToEndResult,
+    EndToEndSettings,
+    case_for,
+    compare_images,
+    diffusers_image,
+    runtime_image,
+)
 from .localize import localise
 from .reference_file import CaseData, ReferenceData, ReferenceFileError
 from .report import CheckResult, ValidationReport
@@ -162,15 +169,24 @@ def _end_to_end(report: ValidationReport, backend: str, export_dir: Path, manife
     e2e = reference.end_to_end
     if e2e is None:
         raise ValidationInputError("the reference file has no end-to-end image; save it with --end-to-end")
-    settings = EndToEndSettings(**e2e["settings"])
-    progress(f"end-to-end on {backend}: {settings.width}x{settings.height}, {settings.steps} steps ...")
+    try:
+        settings = EndToEndSettings(**e2e["settings"])
+        case = case_for(manifest)
+    except (TypeError, ValueError) as exc:
+        raise ValidationInputError(f"end-to-end: {exc}") from None
+    if settings.case != case:
+        raise ValidationInputError(f"the reference's end-to-end image is {settings.case} but this export's "
+                                   f"UNet needs {case}; save the reference again with --end-to-end")
+    label = " (inpainting)" if settings.inpainting else ""
+    progress(f"end-to-end on {backend}{label}: {settings.width}x{settings.height}, {settings.steps} steps ...")
     tolerance = IMAGE_TOLERANCES[manifest.precision]
     try:
         image = runtime_image(export_dir, backend, settings, e2e["latents"], options.providers)
     except Exception as exc:  # noqa: BLE001 - the runtime could not generate: a failed check, not a crash
         report.end_to_end.append(EndToEndResult(backend, (settings.width, settings.height), settings.steps,
                                                 settings.scheduler, 0.0, 255, False, tolerance.to_dict(),
-                                                str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)))
+                                                str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+                                                settings.case))
         return
     report.end_to_end.append(compare_images(backend, settings, image, e2e["image"], tolerance))
 
@@ -236,11 +252,22 @@ def _torch_reference(options: Options, manifest: Manifest, export_dir: Path, com
     end_to_end = None
     if options.end_to_end:
         width, height = sizes[0]
-        settings = EndToEndSettings(width, height, seed=options.seed)
+        try:
+            settings = EndToEndSettings(width, height, seed=options.seed, case=case_for(manifest))
+        except ValueError as exc:
+            raise ValidationInputError(f"end-to-end: {exc}") from None
         latents = settings.latents(manifest.pipeline.latent_channels, factor)
-        progress(f"reference end-to-end image {width}x{height} with diffusers ...")
-        end_to_end = {"settings": settings.to_dict(), "latents": latents,
-                      "image": diffusers_image(torch_ref.pipeline, settings, latents, _scheduler_config(export_dir))}
+        label = " (inpainting)" if settings.inpainting else ""
+        progress(f"reference end-to-end image{label} {width}x{height} with diffusers ...")
+        scheduler_config = _scheduler_config(export_dir)
+        try:
+            image = diffusers_image(torch_ref.pipeline, settings, latents, scheduler_config)
+        except Exception as exc:  # noqa: BLE001 - diffusers refused the request: one line, not a traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValidationInputError(f"diffusers could not generate the end-to-end {settings.case} reference "
+                                       f"with {type(torch_ref.pipeline).__name__} ({type(exc).__name__}: "
+                                       f"{first}); validate without --end-to-end") from None
+        end_to_end = {"settings": settings.to_dict(), "latents": latents, "image": image}
     return _Reference(data, {"kind": "pytorch", "source": source.to_dict()}, torch_ref, end_to_end)
 
 
