@@ -2,13 +2,11 @@
 StableDiffusion(XL)InpaintPipeline with LinFusion mounted (both UNet kinds, SD and SD-XL shapes),
 validation, the memory guard, the CLI, and the refusals before any model runs."""
 
-import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from linfusion.runtime.manifest import MANIFEST_NAME, file_records, load_manifest
+from linfusion.runtime.manifest import load_manifest
 from linfusion.runtime.request import GenerationError, GenerationRequest
 from PIL import Image
 from test_runtime_pipeline import PROMPT, diffusers_scheduler, gradient_image, psnr
@@ -24,41 +22,6 @@ def box_mask(width=WIDTH, height=HEIGHT):
     y, x = np.mgrid[0:height, 0:width]
     inside = (abs(x - width * 0.6) < width * 0.25) & (abs(y - height * 0.45) < height * 0.3)
     return Image.fromarray(np.where(inside, 230, 20).astype(np.uint8), "L").convert("RGB")
-
-
-@pytest.fixture(scope="module")
-def inpaint_export(exported, tmp_path_factory):
-    """inpaint_export(preset) -> an export of tiny-sd(xl)-inpaint. Only its 9-channel UNet is exported
-    here; the text encoders, VAE, tokenizers and scheduler come from the tiny-sd(xl) export, which has
-    the same ones (same configs, same seeds: checked), to keep the test time down."""
-    from linfusion.export.exporter import export_pipeline
-
-    cache = {}
-
-    def get(preset):
-        if preset not in cache:
-            base_preset = preset.removesuffix("-inpaint")
-            ours, theirs = load_pipeline(preset).pipeline, load_pipeline(base_preset).pipeline
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                if hasattr(theirs, name):
-                    a, b = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
-                    assert all(torch.equal(a[k], b[k]) for k in b), name
-            base, tmp = exported(base_preset), tmp_path_factory.mktemp("inpaint")
-            unet_only, out = tmp / "unet-only", tmp / preset
-            export_pipeline(load_pipeline(preset), unet_only, components=["unet"], progress=lambda line: None)
-            shutil.copytree(base, out)
-            shutil.rmtree(out / "unet")
-            shutil.copytree(unet_only / "unet", out / "unet")
-            shutil.copy(unet_only / "model_index.json", out / "model_index.json")
-            own, merged = load_manifest(unet_only), load_manifest(base)
-            merged = replace(merged, source=own.source, pipeline=own.pipeline,
-                             components={**merged.components, "unet": own.components["unet"]},
-                             parity={**merged.parity, "unet": own.parity["unet"]})
-            (out / MANIFEST_NAME).write_text(merged.with_files(file_records(out)).to_json())
-            cache[preset] = out
-        return cache[preset]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from linfusion.export.validation import end_to_end
 from linfusion.export.validation.cli import main
 from linfusion.export.validation.validate import Options
 from PIL import Image
-from test_inpaint import inpaint_export  # noqa: F401 - the module fixture: a UNet-only inpainting export
 
 validate = importlib.import_module("linfusion.export.validation.validate")  # the module, not the function
 
@@ -26,7 +25,7 @@ def options(export, **fields):
 
 
 @pytest.fixture(scope="module")
-def saved(inpaint_export, tmp_path_factory):  # noqa: F811 - the imported fixture
+def saved(inpaint_export, tmp_path_factory):
     """(export, reference file, report) of one PyTorch-reference run that also saved its reference."""
     export, reference = inpaint_export(PRESET), tmp_path_factory.mktemp("reference") / "ref"
     report = validate.validate(options(export, save_reference=reference), progress=lambda line: None)
