@@ -12,7 +12,8 @@ The model (constants fitted to measured peak RSS; formula, table and error in do
   plus every stage's activations *added up*: each ORT session keeps its CPU arena at its high-water
   mark after a run, so the text encoder's, UNet's and VAE's arenas are all resident at the end.
   From the second call with the same shapes on (2+ steps, sequential CFG, 2+ VAE tiles) a session
-  also holds its memory-pattern block: ``PATTERN_REPEAT`` x its first call's peak.
+  also holds its memory-pattern block: ``PATTERN_REPEAT`` x its first call's peak (1.0 now that the
+  runtime turns the memory pattern off).
 * UNet per call: ``UNET_K`` elements per (UNet batch x first block width x latent pixel), the UNet
   batch being 2 x batch with batched CFG; linear in pixels (LinFusion's attention is linear).
 * VAE decode per call: ``VAE_K`` elements per (batch x width entering the last decoder block x
@@ -63,8 +64,10 @@ IMAGE_COPIES = 4.0
 """float32 full-size RGB images held at once after decode (output, tile accumulator, [0, 1], x255)."""
 ENCODE_IMAGE_COPIES = 2.0
 """float32 full-size init images held while encoding (the [-1, 1] input, a tiled accumulator)."""
-PATTERN_REPEAT = 2.0
-"""Memory of a session after its second call with the same shapes, per first-call peak (measured 1.8-2.0)."""
+PATTERN_REPEAT = 1.0
+"""Memory of a session after its second call with the same shapes, per first-call peak. 1.0: the
+runtime turns ONNX Runtime's memory pattern off (backends/onnxruntime.py ``SESSION_DEFAULTS``); with
+the pattern on it was measured at 1.8-2.0."""
 
 CAST_OVERHEAD = 1.2
 """ONNX Runtime's x86 CPU kernels run fp16 graphs through casts to fp32: fp16 components' activations
