@@ -34,7 +34,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
 
-from . import onnx_file
+from . import controlnet, onnx_file
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
 
@@ -45,8 +45,9 @@ class ExportError(RuntimeError):
     """A user-facing export failure; the message is one line."""
 
 
-def available_components(xl: bool) -> tuple[str, ...]:
-    return tuple(kind.name for kind in kinds_for(xl))
+def available_components(xl: bool, controlnets: int = 0) -> tuple[str, ...]:
+    """The components of a pipeline of this family, with ``controlnets`` ControlNets attached."""
+    return tuple(kind.name for kind in kinds_for(xl)) + controlnet.component_names(controlnets)
 
 
 def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
@@ -59,11 +60,11 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
     if opset not in onnx_file.SUPPORTED_OPSETS:
         raise ExportError(f"unsupported opset {opset}; choose {onnx_file.SUPPORTED_OPSETS.start}"
                           f"..{onnx_file.SUPPORTED_OPSETS.stop - 1}")
-    names = components or list(available_components(loaded.is_xl))
-    unknown = sorted(set(names) - set(available_components(loaded.is_xl)))
+    available = available_components(loaded.is_xl, len(controlnet.controlnets_of(loaded.pipeline)))
+    names = components or list(available)
+    unknown = sorted(set(names) - set(available))
     if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has "
-                          f"{', '.join(available_components(loaded.is_xl))}")
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has {', '.join(available)}")
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
     pipe.save_config(folder)
     manifest = Manifest(
-        source=loaded.provenance(), precision=precision, opset=opset,
+        source={**loaded.provenance(), **controlnet.provenance(loaded)}, precision=precision, opset=opset,
         pipeline=_pipeline_facts(pipe, loaded.is_xl, latent_multiple),
         components=specs, tools=_tool_versions(), parity=parity)
     manifest = manifest.with_files(file_records(folder))
@@ -226,7 +227,7 @@ def _components(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype, vae_dt
     built = []
     for name in names:
         kind = component_kind(name)
-        built.append(build_component(kind, pipe, xl, latent_multiple, vae_dtype if kind.vae else dtype))
+        built.append(build_component(kind, pipe, xl, latent_multiple, vae_dtype if kind.vae else dtype, name))
     return built
 
 
