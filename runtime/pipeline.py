@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, vae
+from . import controlnet, memory, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -63,6 +63,8 @@ class Pipeline:
         self.latent_tile = self.facts.native_latent_side
         self.memory_limit = None if memory_limit is None else memory.parse_memory(memory_limit)
         self.footprint = memory.Footprint.from_export(directory, manifest)
+        self.no_control = controlnet.ControlNets(self, None)
+        """Zero residuals for a ControlNet export's UNet when no control image is given."""
 
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
@@ -117,12 +119,16 @@ class Pipeline:
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None, image: Any = None,
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
                  cfg_mode: str = "batched", tile_vae: bool | None = None, memory_limit: int | str | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[int, int], None] | None = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] | None = None,
+                 control_guidance_start: float | Sequence[float] | None = None,
+                 control_guidance_end: float | Sequence[float] | None = None) -> PipelineOutput:
         """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``)."""
         request = GenerationRequest(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed, scheduler,
             num_images_per_prompt, latents, image, strength, output_type, guidance_rescale, cfg_mode, tile_vae,
-            memory_limit)
+            memory_limit, control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         return self.generate(request, callback)
 
     def generate(self, request: GenerationRequest,
@@ -154,10 +160,13 @@ class Pipeline:
 
         t0 = time.perf_counter()
         unet_time = 0.0
+        controls = controlnet.ControlNets(self, plan.control) if plan.control else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             u0 = time.perf_counter()
-            noise_pred = self._predict_noise(model_input, t, conditioning, plan)
+            if controls:
+                plan.control.step, plan.control.steps = i, len(timesteps)
+            noise_pred = self._predict_noise(model_input, t, conditioning, plan, controls)
             unet_time += time.perf_counter() - u0
             step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
@@ -195,6 +204,8 @@ class Pipeline:
             except ValueError as exc:
                 raise GenerationError(str(exc)) from exc
             height, width = init.shape[2:]
+        batch = len(prompts) * numbers["images_per_prompt"]
+        control, height, width = controlnet.plan_control(request, self.manifest, height, width, batch)
         height = height or self.default_size
         width = width or self.default_size
         multiple = self.manifest.pixel_multiple
@@ -204,7 +215,7 @@ class Pipeline:
                                   f"{self.vae_factor}); got {width}x{height}")
         plan = Plan(prompts, negative, height, width, numbers["steps"], numbers["guidance_scale"],
                     numbers["guidance_rescale"], name, numbers["images_per_prompt"], request.cfg_mode,
-                    numbers["seed"], request.output_type, request.tile_vae, strength, init)
+                    numbers["seed"], request.output_type, request.tile_vae, strength, init, control=control)
         if request.latents is not None:
             latents = np.asarray(request.latents, dtype=np.float32)
             if latents.shape != self._latent_shape(plan):
@@ -250,6 +261,8 @@ class Pipeline:
         lat = self._latent_shape(plan)
         try:
             self.runners[UNET.name].check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
+            for name in plan.control.names if plan.control else ():
+                self.runner(name).check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
             tiled = self.tiling(lat[2], lat[3], plan.tile_vae)
             dec = lat if tiled is None else (plan.batch, lat[1], min(tiled.tile, lat[2]), min(tiled.tile, lat[3]))
             decoder = self.runners[VAE_DECODER.name]
@@ -295,7 +308,7 @@ class Pipeline:
         return [self._conditioning(both, request)]
 
     def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray] | BoundRunner],
-                       request: Plan) -> np.ndarray:
+                       request: Plan, controls: controlnet.ControlNets | None = None) -> np.ndarray:
         """One step's noise prediction; ``conditioning`` as ``_guidance_inputs`` makes it, or bound to
         the UNet (``_bind``) so that a device backend keeps it on the device across steps."""
         unet = self.runners[UNET.name]
@@ -305,6 +318,7 @@ class Pipeline:
             batch = bound.batch(UNetIO.encoder_hidden_states)
             sample = model_input if batch == model_input.shape[0] else np.concatenate([model_input] * 2)
             inputs = {UNetIO.sample: sample, UNetIO.timestep: np.full(batch, t, dtype=np.float32)}
+            inputs.update((controls or self.no_control).unet_inputs(sample, t, bound.constants))
             out_shape = (batch, unet.spec.outputs[0].shape[1], *sample.shape[2:])
             out = bound.run(inputs, [UNetIO.out_sample], output_shapes={UNetIO.out_sample: out_shape})
             outputs.append(out[UNetIO.out_sample].astype(np.float32))

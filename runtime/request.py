@@ -54,6 +54,13 @@ class GenerationRequest:
     memory_limit: int | str | None = None
     """Bytes (or "12G") this generation may use in all; None: the pipeline's limit, else the memory
     available now (``runtime.memory``). A request estimated above it is refused before any model runs."""
+    control_image: Any = None
+    """ControlNet exports: the control image (a path or PIL image; a list, one per ControlNet)."""
+    controlnet_conditioning_scale: float | Sequence[float] | None = None
+    """None: 1.0. Also ``control_guidance_start`` (None: 0.0) and ``control_guidance_end`` (None: 1.0):
+    the share of the schedule each ControlNet runs in (``runtime.controlnet``)."""
+    control_guidance_start: float | Sequence[float] | None = None
+    control_guidance_end: float | Sequence[float] | None = None
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Plan:
     latents: np.ndarray | None = None
     memory: Any = None
     """The memory estimate the plan was admitted with (``runtime.memory.Estimate``)."""
+    control: Any = None
+    """ControlNet arguments, checked (``runtime.controlnet.ControlPlan``)."""
 
     @property
     def batch(self) -> int:
