@@ -57,6 +57,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float,
                    help="img2img: share of the schedule re-noised, in (0, 1] "
                         "(default: 0.8 with --init-image)")
+    p.add_argument("--control-image", action="append", metavar="PATH",
+                   help="ControlNet exports: the control image (edges, depth, pose ...), resized to the request's "
+                        "size like diffusers; repeat once per ControlNet (default: none, plain text to image)")
+    p.add_argument("--control-scale", type=float, action="append", metavar="SCALE",
+                   help="ControlNet conditioning scale; one value, or one per ControlNet (default: 1.0)")
+    p.add_argument("--control-start", type=float, action="append", metavar="FRACTION",
+                   help="share of the schedule before the ControlNet starts, in [0, 1) (default: 0.0)")
+    p.add_argument("--control-end", type=float, action="append", metavar="FRACTION",
+                   help="share of the schedule after which the ControlNet stops, in (0, 1] (default: 1.0)")
     p.add_argument("--latents", help=".npy file with the initial noise [B, 4, H/8, W/8] (default: drawn from "
                                      "the seed)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -107,6 +116,9 @@ def preflight(args: argparse.Namespace) -> list[Path]:
             args.memory_limit = parse_memory(args.memory_limit)
         except ValueError as exc:
             raise CliError(f"--memory-limit: {exc}") from None
+    from .controlnet import check_cli_arguments
+
+    check_cli_arguments(args)
     if args.scheduler is not None:
         from .schedulers import SCHEDULERS
 
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from .backends.select import BackendError
+    from .controlnet import control_kwargs
     from .manifest import ManifestError
     from .pipeline import GenerationError, Pipeline
 
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
-                      cfg_mode=args.cfg_mode, tile_vae=tile, callback=progress_bar)
+                      cfg_mode=args.cfg_mode, tile_vae=tile, callback=progress_bar, **control_kwargs(args))
     except (ManifestError, GenerationError, BackendError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -94,20 +95,7 @@ def plan_control(request, manifest, height: int | None, width: int | None,
     if request.image is not None:
         raise GenerationError("control_image with an init image (ControlNet img2img) is not supported; "
                               "pass one of them")
-    sources = request.control_image if isinstance(request.control_image, (list, tuple)) else [request.control_image]
-    if len(sources) != len(names):
-        raise GenerationError(f"{len(sources)} control image(s) for {len(names)} ControlNet(s) in this export; "
-                              f"give one per ControlNet")
-    scales = [finite("controlnet_conditioning_scale", v)
-              for v in _per_controlnet("controlnet_conditioning_scale", given["controlnet_conditioning_scale"],
-                                       len(names), 1.0)]
-    starts = [finite("control_guidance_start", v, 0.0, 1.0)
-              for v in _per_controlnet("control_guidance_start", given["control_guidance_start"], len(names), 0.0)]
-    ends = [finite("control_guidance_end", v, 0.0, 1.0)
-            for v in _per_controlnet("control_guidance_end", given["control_guidance_end"], len(names), 1.0)]
-    for start, end in zip(starts, ends):
-        if start >= end:
-            raise GenerationError(f"control_guidance_start ({start:g}) must be below control_guidance_end ({end:g})")
+    sources, scales, starts, ends = check_numbers(request, len(names))
     opened = [open_image(source) for source in sources]
     multiple = manifest.pixel_multiple
     width = width or opened[0].width // multiple * multiple
@@ -118,6 +106,24 @@ def plan_control(request, manifest, height: int | None, width: int | None,
     images = [control_array(image, width, height) for image in opened]
     images = [np.concatenate([a] * batch) for a in images]
     return ControlPlan(names, images, scales, starts, ends), height, width
+
+
+def check_numbers(request, count: int) -> tuple[list[Any], list[float], list[float], list[float]]:
+    """Control images, scales, starts and ends of ``count`` ControlNets (GenerationError, one line)."""
+    sources = request.control_image if isinstance(request.control_image, (list, tuple)) else [request.control_image]
+    if len(sources) != count:
+        raise GenerationError(f"{len(sources)} control image(s) for {count} ControlNet(s) in this export; "
+                              f"give one per ControlNet")
+    scales = [finite("controlnet_conditioning_scale", v) for v in _per_controlnet(
+        "controlnet_conditioning_scale", request.controlnet_conditioning_scale, count, 1.0)]
+    starts = [finite("control_guidance_start", v, 0.0, 1.0) for v in _per_controlnet(
+        "control_guidance_start", request.control_guidance_start, count, 0.0)]
+    ends = [finite("control_guidance_end", v, 0.0, 1.0) for v in _per_controlnet(
+        "control_guidance_end", request.control_guidance_end, count, 1.0)]
+    for start, end in zip(starts, ends):
+        if start >= end:
+            raise GenerationError(f"control_guidance_start ({start:g}) must be below control_guidance_end ({end:g})")
+    return sources, scales, starts, ends
 
 
 def open_image(source: str | Path | Any):
@@ -142,6 +148,51 @@ def control_array(image, width: int, height: int) -> np.ndarray:
     if (image.width, image.height) != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     return (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
+
+
+def _one_or_each(values: list[float] | None) -> float | list[float] | None:
+    return values[0] if values and len(values) == 1 else values
+
+
+def control_kwargs(args) -> dict[str, Any]:
+    """``linfusion-generate``'s --control-* flags as ``Pipeline.__call__`` arguments."""
+    images = args.control_image
+    return {"control_image": None if not images else images[0] if len(images) == 1 else images,
+            "controlnet_conditioning_scale": _one_or_each(args.control_scale),
+            "control_guidance_start": _one_or_each(args.control_start),
+            "control_guidance_end": _one_or_each(args.control_end)}
+
+
+def check_cli_arguments(args) -> None:
+    """The --control-* flags, checked before any model loads (CliError, one line)."""
+    from .cli_checks import CliError
+    from .manifest import ManifestError, load_manifest
+
+    flags = {"--control-scale": args.control_scale, "--control-start": args.control_start,
+             "--control-end": args.control_end}
+    if not args.control_image:
+        stray = next((flag for flag, value in flags.items() if value), None)
+        if stray:
+            raise CliError(f"{stray} is only used with --control-image")
+        return
+    if args.init_image:
+        raise CliError("--control-image with --init-image (ControlNet img2img) is not supported; pass one of them")
+    for path in args.control_image:
+        if not Path(path).expanduser().is_file():
+            raise CliError(f"control image not found: {path}")
+    try:
+        names = controlnet_names(load_manifest(args.directory, verify=False, files=False))
+    except ManifestError:
+        return  # reported with its remedy when the export loads
+    if not names:
+        raise CliError(f"{args.directory} has no ControlNet, which --control-image needs; {REMEDY}")
+    try:
+        check_numbers(SimpleNamespace(**control_kwargs(args)), len(names))
+    except GenerationError as exc:
+        raise CliError(str(exc).replace("controlnet_conditioning_scale", "--control-scale")
+                       .replace("control_guidance_start", "--control-start")
+                       .replace("control_guidance_end", "--control-end")
+                       .replace("control image(s)", "--control-image(s)")) from None
 
 
 class ControlNets:
