@@ -1,0 +1,141 @@
+"""ControlNet costs on ONNX Runtime CPU, side by side in one process (docs/controlnet.md).
+
+1. The zeros path: a plain export's UNet against a ControlNet export's UNet fed zero residuals
+   (what plain text-to-image runs on a ControlNet export), calls interleaved.
+2. A ControlNet call against a UNet call (with residuals) at each size.
+
+    python benchmarks/controlnet_cost.py --plain DIR --controlnet DIR --sizes 512,1024 --repeats 3
+
+DIR: export directories (``linfusion-export --model sd15 --random-weights --components unet`` and
+the same with ``--controlnet random --components unet,controlnet``). Prints a markdown table and
+writes JSON with ``--json``. Median of ``--repeats`` timed calls after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+
+def session(folder: Path, name: str, threads: int):
+    import onnxruntime as ort
+    from linfusion.runtime.manifest import load_manifest
+
+    spec = load_manifest(folder, verify=False).components[name]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(folder / spec.path), options, providers=["CPUExecutionProvider"]), spec
+
+
+def feed(spec, batch: int, latent: int, vae_factor: int, rng, zeros: bool = True) -> dict[str, np.ndarray]:
+    """Random inputs from the spec's shapes; residual (``_div``) inputs zero when ``zeros``."""
+    from linfusion.runtime.contract import Axis, ControlNetIO
+    from linfusion.runtime.controlnet import residual_inputs
+
+    residuals = {t.name for t in residual_inputs(spec)}
+    sizes = {Axis.BATCH: batch}
+    out = {}
+    for tensor in spec.inputs:
+        dims = []
+        for d in tensor.shape:
+            resolved = None if isinstance(d, int) or d == Axis.BATCH else Axis.resolve(d)
+            if isinstance(d, int):
+                dims.append(d)
+            elif resolved is None:
+                dims.append(sizes[d])
+            else:
+                base, divisor = resolved
+                side = latent * (vae_factor if Axis.UNITS[base] == "image" else 1)
+                dims.append(side // divisor)
+        if tensor.name in (ControlNetIO.timestep, ControlNetIO.conditioning_scale):
+            value = np.full(dims, 500.0 if tensor.name == ControlNetIO.timestep else 1.0, np.float32)
+        elif tensor.name in residuals and zeros:
+            value = np.zeros(dims, tensor.dtype)
+        else:
+            value = rng.standard_normal(dims).astype(tensor.dtype)
+        out[tensor.name] = value
+    return out
+
+
+def timed(sess, inputs, repeats: int) -> float:
+    sess.run(None, inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plain", type=Path, required=True)
+    p.add_argument("--controlnet", type=Path, required=True)
+    p.add_argument("--sizes", default="512", help="image sides in pixels, comma-separated")
+    p.add_argument("--zeros-sizes", default="512", help="sizes for the zeros-path comparison")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    from linfusion.runtime.contract import CONTROLNET, component_kind
+    from linfusion.runtime.manifest import load_manifest
+
+    manifest = load_manifest(args.controlnet, verify=False)
+    factor = manifest.pipeline.vae_scale_factor
+    control_name = next(n for n, s in manifest.components.items() if component_kind(s.kind) is CONTROLNET)
+    rng = np.random.default_rng(0)
+    rows = []
+    unet_cn, spec_cn = session(args.controlnet, "unet", args.threads)
+    plain, spec_plain = session(args.plain, "unet", args.threads)
+    for size in (int(s) for s in args.zeros_sizes.split(",")):
+        latent = size // factor
+        f_cn = feed(spec_cn, args.batch, latent, factor, rng)
+        f_plain = {k: v for k, v in f_cn.items() if k in {t.name for t in spec_plain.inputs}}
+        a, b = [], []
+        for _ in range(args.repeats):  # interleaved, so load changes hit both
+            a.append(timed(plain, f_plain, 1))
+            b.append(timed(unet_cn, f_cn, 1))
+        rows.append({"what": "zeros path", "size": size, "plain_unet_s": statistics.median(a),
+                     "controlnet_export_unet_zeros_s": statistics.median(b),
+                     "overhead": statistics.median(b) / statistics.median(a) - 1})
+        print(rows[-1], flush=True)
+    del plain
+    control, spec_control = session(args.controlnet, control_name, args.threads)
+    for size in (int(s) for s in args.sizes.split(",")):
+        latent = size // factor
+        f_control = feed(spec_control, args.batch, latent, factor, rng)
+        f_unet = feed(spec_cn, args.batch, latent, factor, rng, zeros=False)
+        u, c = [], []
+        for _ in range(args.repeats):
+            u.append(timed(unet_cn, f_unet, 1))
+            c.append(timed(control, f_control, 1))
+        rows.append({"what": "step", "size": size, "unet_s": statistics.median(u),
+                     "controlnet_s": statistics.median(c), "ratio": statistics.median(c) / statistics.median(u)})
+        print(rows[-1], flush=True)
+    record = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "threads": args.threads},
+              "date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "batch": args.batch, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print("| what | size | A (s) | B (s) | B/A |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["what"] == "zeros path":
+            a, b = r["plain_unet_s"], r["controlnet_export_unet_zeros_s"]
+        else:
+            a, b = r["unet_s"], r["controlnet_s"]
+        print(f"| {r['what']} | {r['size']} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
