@@ -201,7 +201,8 @@ class ControlNets:
     def __init__(self, pipe, plan: ControlPlan | None) -> None:
         self.pipe = pipe
         self.plan = plan
-        self.residual_specs = residual_inputs(pipe.runners[UNET.name].spec)
+        unet = pipe.runners.get(UNET.name)
+        self.residual_specs = residual_inputs(unet.spec) if unet is not None else []
         self.runners = [pipe.runner(name) for name in plan.names] if plan else []
         self._zeros: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
