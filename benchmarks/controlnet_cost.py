@@ -81,6 +81,19 @@ def medians(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
+def compare(what: str, size: int, repeats: int, a: tuple, b: tuple) -> dict:
+    """(label, session, inputs) A and B, calls interleaved so that load changes hit both."""
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(a[1], a[2], 1))
+        times_b.append(timed(b[1], b[2], 1))
+    (wa, ca), (wb, cb) = medians(times_a), medians(times_b)
+    row = {"what": what, "size": size, "a": a[0], "b": b[0], "a_wall_s": wa, "b_wall_s": wb, "a_cpu_s": ca,
+           "b_cpu_s": cb}
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plain", type=Path, required=True)
@@ -101,33 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     unet_cn, spec_cn = session(args.controlnet, "unet", args.threads)
-    plain, spec_plain = session(args.plain, "unet", args.threads)
-    for size in (int(s) for s in args.zeros_sizes.split(",")):
-        latent = size // factor
-        f_cn = feed(spec_cn, args.batch, latent, factor, rng)
-        f_plain = {k: v for k, v in f_cn.items() if k in {t.name for t in spec_plain.inputs}}
-        a, b = [], []
-        for _ in range(args.repeats):  # interleaved, so load changes hit both
-            a.append(timed(plain, f_plain, 1))
-            b.append(timed(unet_cn, f_cn, 1))
-        (wa, ca), (wb, cb) = medians(a), medians(b)
-        rows.append({"what": "zeros path", "size": size, "a": "plain UNet", "b": "ControlNet export's UNet, zeros",
-                     "a_wall_s": wa, "b_wall_s": wb, "a_cpu_s": ca, "b_cpu_s": cb})
-        print(rows[-1], flush=True)
-    del plain
+    zeros_sizes = [int(s) for s in args.zeros_sizes.split(",") if s]
+    if zeros_sizes:
+        plain, spec_plain = session(args.plain, "unet", args.threads)
+        for size in zeros_sizes:
+            f_cn = feed(spec_cn, args.batch, size // factor, factor, rng)
+            f_plain = {k: v for k, v in f_cn.items() if k in {t.name for t in spec_plain.inputs}}
+            rows.append(compare("zeros path", size, args.repeats, ("plain UNet", plain, f_plain),
+                                ("ControlNet export's UNet, zeros", unet_cn, f_cn)))
+        del plain
     control, spec_control = session(args.controlnet, control_name, args.threads)
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (int(s) for s in args.sizes.split(",") if s):
         latent = size // factor
-        f_control = feed(spec_control, args.batch, latent, factor, rng)
-        f_unet = feed(spec_cn, args.batch, latent, factor, rng, zeros=False)
-        u, c = [], []
-        for _ in range(args.repeats):
-            u.append(timed(unet_cn, f_unet, 1))
-            c.append(timed(control, f_control, 1))
-        (wa, ca), (wb, cb) = medians(u), medians(c)
-        rows.append({"what": "step", "size": size, "a": "UNet (LinFusion)", "b": "ControlNet (softmax)",
-                     "a_wall_s": wa, "b_wall_s": wb, "a_cpu_s": ca, "b_cpu_s": cb})
-        print(rows[-1], flush=True)
+        rows.append(compare("step", size, args.repeats,
+                            ("UNet (LinFusion)", unet_cn, feed(spec_cn, args.batch, latent, factor, rng, zeros=False)),
+                            ("ControlNet (softmax)", control, feed(spec_control, args.batch, latent, factor, rng))))
     record = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": args.threads},
               "date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "batch": args.batch, "rows": rows}
