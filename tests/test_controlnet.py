@@ -122,9 +122,10 @@ def test_same_latents_give_diffusers_controlnet_image(runtime, preset):
                                **ARGS, **extra).images
         assert ours.shape == theirs.shape == (1, 64, 96, 3)
         assert psnr(ours, theirs) >= 40, extra
-    # The ControlNet matters: without it the image is far from diffusers' (else the test could not fail).
-    plain = pipe(PROMPT, latents=latents, output_type="np", **ARGS).images
-    assert psnr(plain, ours) < 35
+        if not extra:
+            # The ControlNet matters: without it the image is far from diffusers' (so the test can fail).
+            plain = pipe(PROMPT, latents=latents, output_type="np", **ARGS).images
+            assert psnr(plain, ours) < 35
 
 
 @pytest.mark.slow
