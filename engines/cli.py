@@ -20,7 +20,16 @@ from linfusion.runtime.cli_checks import (
 from linfusion.runtime.manifest import ManifestError, load_manifest
 
 from .kernel_build import KERNEL_CHOICES
-from .profiles import ProfileError, parse_batch, parse_sizes, spatial_profiles
+from .profiles import (
+    ProfileError,
+    check_limits,
+    largest_square_side,
+    parse_batch,
+    parse_sizes,
+    spatial_profiles,
+)
+
+DEFAULT_MAX_SIDE = 2048
 
 PROG = "linfusion-build"
 DESCRIPTION = """\
@@ -38,14 +47,13 @@ def parser() -> argparse.ArgumentParser:
                                   "or a failed build;\n    one line on stderr"))
     p.add_argument("export_dir", type=Path, help="an export directory made by linfusion-export")
     p.add_argument("--output", type=Path, help="engines directory (default: EXPORT_DIR/engines)")
-    p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels")
-    p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for")
-    p.add_argument("--max-size", type=int, default=2048, help="largest image side in pixels")
-    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each; "
-                                   "default: the --min/--opt/--max-size range)")
-    p.add_argument("--batch", default="1:1:4",
-                   help="images per prompt MIN:OPT:MAX; the UNet range is doubled for classifier-free "
-                        "guidance")
+    p.add_argument("--min-size", type=int, default=512, help="smallest image side in pixels (default 512)")
+    p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for (default 1024)")
+    p.add_argument("--max-size", type=int, help="largest image side in pixels, up to the largest square within "
+                   "the export's --max-size (default 2048, or that square's side where smaller)")
+    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each)")
+    p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
+                   "UNet range is doubled for classifier-free guidance")
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",
                    help="fused linear-attention plugin (auto: on with TensorRT >= 10.10)")
     p.add_argument("--attention-kernels", choices=KERNEL_CHOICES, default="auto",
@@ -74,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest = load_manifest(args.export_dir)
         multiple = manifest.pixel_multiple
+        sides = (args.min_size, args.opt_size, args.max_size)
+        if args.max_size is None:  # the default range, shrunk to fit a small export's max size
+            max_side = min(DEFAULT_MAX_SIDE, largest_square_side(manifest) or DEFAULT_MAX_SIDE)
+            sides = (min(args.min_size, max_side), min(args.opt_size, max_side), max_side)
         if args.sizes:
             spatial = spatial_profiles(multiple, sizes=parse_sizes(args.sizes))
         else:
-            spatial = spatial_profiles(multiple, args.min_size, args.opt_size, args.max_size)
+            spatial = spatial_profiles(multiple, *sides)
         batch = parse_batch(args.batch)
+        check_limits(manifest, spatial, batch)
         select_components(manifest, components)
         try:
             builder_tensorrt()

@@ -6,7 +6,10 @@ profiles, because TensorRT tunes kernels for each profile's opt shape and one ve
 serves its ends poorly. The profiles are nested (each starts at the smallest side and ends at
 its piece's largest), so every height/width mix in the range has a profile. The UNet's batch range doubles for batched classifier-free guidance;
 text encoders have a static sequence length and a batch range for positive + negative prompts.
-No TensorRT here.
+Profiles are checked against the size limits the export records (``check_limits``): no profile
+may reach beyond its ``max_size``. Where batched guidance would put a UNet tensor above the
+export's tensor limit, the runtime runs guidance sequentially, so the UNet's batch range of that
+profile stops at what fits (``linfusion.runtime.limits.max_unet_batch``). No TensorRT here.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from linfusion.runtime.contract import Axis, BatchRule, ComponentKind, ComponentSpec, component_kind
+from linfusion.runtime.contract import UNET, Axis, BatchRule, ComponentKind, ComponentSpec, component_kind
 from linfusion.runtime.engine_manifest import ProfileSpec
+from linfusion.runtime.limits import max_unet_batch, within
 from linfusion.runtime.manifest import Manifest
 
 MAX_SIDE_RATIO = 2.0
@@ -130,11 +134,10 @@ def component_profiles(manifest: Manifest, component: str, spatial: list[Spatial
     """The profiles of one component: one per spatial profile (text encoders: one, static)."""
     spec: ComponentSpec = manifest.components[component]
     factor = manifest.pipeline.vae_scale_factor
-    comp_batch = component_batch(spec.kind, batch)
     uses_space = any(d in Axis.UNITS for t in spec.inputs for d in t.shape)
     profiles = []
     for sp in (spatial if uses_space else spatial[:1]):
-        dims = {Axis.BATCH: comp_batch}
+        dims = {Axis.BATCH: _limited_batch(manifest, spec.kind, batch, sp)}
         for axis, unit in Axis.UNITS.items():
             pixels = sp.height if axis in Axis.VERTICAL else sp.width
             dims[axis] = _latent(pixels, factor) if unit == "latent" else pixels
@@ -160,3 +163,44 @@ def component_profiles(manifest: Manifest, component: str, spatial: list[Spatial
 
 def _latent(pixels: Range, factor: int) -> Range:
     return Range(pixels.min // factor, pixels.opt // factor, pixels.max // factor)
+
+
+def largest_square_side(manifest: Manifest) -> int | None:
+    """The longest side of a square within the export's ``max_size`` (a multiple of the pixel
+    multiple), or None when the export records no max size."""
+    size = manifest.pipeline.max_size
+    if size is None:
+        return None
+    multiple = manifest.pixel_multiple
+    side = math.isqrt(size[0] * size[1]) // multiple * multiple
+    return min(side, max(size))
+
+
+def _limited_batch(manifest: Manifest, kind: str, batch: Range, sp: SpatialProfile) -> Range:
+    """The component's batch range; the UNet's stops where its tensors would exceed the limit."""
+    comp_batch = component_batch(kind, batch)
+    fits = max_unet_batch(manifest.pipeline, sp.width.max, sp.height.max)
+    if component_kind(kind).batch_rule is not BatchRule.CFG or fits is None or comp_batch.max <= fits:
+        return comp_batch
+    top = max(fits, comp_batch.min)
+    return Range(comp_batch.min, min(comp_batch.opt, top), top)
+
+
+def check_limits(manifest: Manifest, spatial: list[SpatialProfile], batch: Range) -> None:
+    """Refuse a profile whose largest shape is beyond the export's ``max_size``, or whose batch
+    cannot run the UNet even with sequential guidance there without exceeding the tensor limit."""
+    facts = manifest.pipeline
+    if facts.max_size is None:
+        return
+    max_w, max_h = facts.max_size
+    for sp in spatial:
+        width, height = sp.width.max, sp.height.max
+        if not within(facts.max_size, width, height):
+            raise ProfileError(f"a profile up to {width}x{height} is beyond this export's maximum size {max_w}x{max_h} "
+                               f"(at most {max_w * max_h:,} pixels and a side of {max(max_w, max_h)}); build smaller "
+                               f"sizes or re-export with linfusion-export --max-size {width}x{height}")
+        fits = max_unet_batch(facts, width, height)
+        if UNET.name in manifest.components and batch.max > fits:
+            raise ProfileError(f"--batch max {batch.max} at {width}x{height} puts UNet tensors above this export's "
+                               f"limit of {facts.tensor_limit:,} elements even with sequential guidance; at this "
+                               f"size at most {fits} fit, so lower --batch or the size")

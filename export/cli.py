@@ -46,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
                    help="weights and activations of the exported models")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported models")
     p.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder (default: all)")
+    p.add_argument("--max-size", default="16384x8192", metavar="WxH",
+                   help="largest image the UNet must run at batch 1 with no tensor above --tensor-limit; "
+                        "feed-forwards and cross-attentions are token-chunked for it (default 16384x8192)")
+    p.add_argument("--tensor-limit", type=int, default=2**31 - 1, metavar="N",
+                   help="most elements any UNet tensor may have up to --max-size (default 2^31 - 1, "
+                        "TensorRT's limit)")
     p.add_argument("--skip-parity", action="store_true",
                    help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
     p.add_argument("--offline", action="store_true", help="use only the local hub cache")
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from linfusion.hub import ModelSourceError
     from linfusion.mount import CheckpointMismatchError
 
+    from .chunking import TensorLimitError, parse_size
     from .controlnet import ControlNetSourceError, attach_controlnets
     from .exporter import PRECISIONS, ExportError, available_components, export_pipeline
     from .onnx_file import SUPPORTED_OPSETS, ExportCheckError
@@ -75,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset not in SUPPORTED_OPSETS:
         return fail(PROG, f"unsupported opset {args.opset}; choose "
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    try:
+        max_size = parse_size(args.max_size)
+    except TensorLimitError as exc:
+        return fail(PROG, f"--max-size: {exc}")
+    if args.tensor_limit < 1:
+        return fail(PROG, f"--tensor-limit must be a positive number of elements, got {args.tensor_limit}")
     components = [c.strip() for c in args.components.split(",")] if args.components else None
     if components:
         known = available_components(True, len(args.controlnet or ()))
@@ -98,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
                   f"({args.precision}, opset {args.opset})", flush=True)
             export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
-                            args.skip_parity, progress=lambda line: print(line, flush=True))
+                            args.skip_parity, progress=lambda line: print(line, flush=True),
+                            max_size=max_size, tensor_limit=args.tensor_limit)
     except ModelSourceError as exc:  # the API words the remedy for Python callers; say it in flags here
         hint = getattr(exc, "cli_hint", None)
         return fail(PROG, f"{getattr(exc, 'problem', exc)}; {hint}" if hint else exc)

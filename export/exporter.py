@@ -17,6 +17,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
 
-from . import controlnet, onnx_file
+from . import chunking, controlnet, onnx_file
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
 
@@ -52,8 +53,14 @@ def available_components(xl: bool, controlnets: int = 0) -> tuple[str, ...]:
 
 def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
                     components: list[str] | None = None, force: bool = False, skip_parity: bool = False,
-                    progress: Callable[[str], None] = print) -> Manifest:
-    """Trace, check and package every requested component of ``loaded`` into ``output``."""
+                    progress: Callable[[str], None] = print,
+                    max_size: tuple[int, int] = chunking.DEFAULT_MAX_SIZE,
+                    tensor_limit: int = chunking.DEFAULT_TENSOR_LIMIT) -> Manifest:
+    """Trace, check and package every requested component of ``loaded`` into ``output``.
+
+    The UNet is token-chunked so that no tensor exceeds ``tensor_limit`` elements up to
+    ``max_size`` = (width, height) pixels at batch 1 (``chunking``); a tensor that cannot be
+    kept under it is refused before anything is traced."""
     output = Path(output)
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported precision '{precision}'; choose fp32 or fp16")
@@ -65,6 +72,13 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has {', '.join(available)}")
+    if isinstance(tensor_limit, bool) or not isinstance(tensor_limit, int) or tensor_limit < 1:
+        raise ExportError(f"--tensor-limit must be a positive number of elements, got {tensor_limit!r}")
+    vae_factor = _vae_factor(loaded.pipeline)
+    try:
+        chunking.check_max_size(tuple(max_size), vae_factor * 2 ** loaded.pipeline.unet.num_upsamplers, vae_factor)
+    except chunking.TensorLimitError as exc:
+        raise ExportError(str(exc)) from exc
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +88,8 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output.name, "partial"), dir=output.parent))
         _ACTIVE.add(staging.name)
         try:
-            manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress)
+            manifest = _export_into(loaded, staging, precision, opset, names, skip_parity, progress,
+                                    (int(max_size[0]), int(max_size[1])), tensor_limit)
             normal_permissions(staging)  # mkdtemp made it 0700: give it the umask's modes
             _replace_directory(staging, output)
         except OSError as exc:
@@ -168,7 +183,8 @@ def remove_stale_staging(parent: Path, progress: Callable[[str], None] = print) 
 
 
 def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: int, names: list[str],
-                 skip_parity: bool, progress: Callable[[str], None]) -> Manifest:
+                 skip_parity: bool, progress: Callable[[str], None], max_size: tuple[int, int],
+                 tensor_limit: int) -> Manifest:
     pipe = loaded.pipeline
     dtype = PRECISIONS[precision]
     latent_multiple = 2 ** pipe.unet.num_upsamplers
@@ -181,11 +197,17 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
 
     specs: dict[str, ComponentSpec] = {}
     parity: dict[str, Any] = {}
-    for index, component in enumerate(_components(pipe, loaded.is_xl, latent_multiple, dtype, vae_dtype, names)):
+    built = _components(pipe, loaded.is_xl, latent_multiple, dtype, vae_dtype, names)
+    plan, largest = _size_limits(built, max_size, tensor_limit, _vae_factor(pipe), latent_multiple, progress)
+    for index, component in enumerate(built):
         label = f"[{index + 1}/{len(names)}] {component.name}"
         start = time.perf_counter()
         progress(f"{label}: tracing ...")
-        model, routed = onnx_file.trace(component, opset)
+        chunks, traced = {}, component
+        if plan is not None and component.kind.name == "unet":
+            chunks, traced = plan.chunks, replace(component, trace_size=plan.trace_size)
+        with chunking.applied(component.module, chunks):
+            model, routed = onnx_file.trace(traced, opset)
         nodes = onnx_file.finish(model, opset)
         if nodes != routed:
             raise ExportError(f"{component.name}: {routed} LinFusion layers but {nodes} LinearAttention "
@@ -208,18 +230,45 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
                 raise ExportError(f"parity check failed: {result.summary()}")
         specs[component.name] = ComponentSpec(
             component.kind.name, f"{component.name}/model.onnx", precision_name, component.inputs,
-            component.outputs, external and f"{component.name}/{external}", nodes)
+            component.outputs, external and f"{component.name}/{external}", nodes,
+            largest[component.name].largest_tensor())
 
     _save_tokenizers(pipe, loaded.is_xl, folder)
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
     pipe.save_config(folder)
     manifest = Manifest(
         source={**loaded.provenance(), **controlnet.provenance(loaded)}, precision=precision, opset=opset,
-        pipeline=_pipeline_facts(pipe, loaded.is_xl, latent_multiple),
+        pipeline=replace(_pipeline_facts(pipe, loaded.is_xl, latent_multiple), max_size=max_size,
+                         tensor_limit=tensor_limit, max_batch2_size=plan and plan.max_batch2_size),
         components=specs, tools=_tool_versions(), parity=parity)
     manifest = manifest.with_files(file_records(folder))
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _size_limits(components: list[Component], max_size: tuple[int, int], limit: int, vae_factor: int,
+                 latent_multiple: int, progress: Callable[[str], None]
+                 ) -> tuple[chunking.ChunkPlan | None, dict[str, chunking.TensorRecord]]:
+    """Before any tracing: the UNet's token chunks (or the refusal) and each component's largest
+    tensor at ``max_size``, from shape-only runs."""
+    start = time.perf_counter()
+    plan, largest = None, {}
+    try:
+        for component in components:
+            if component.kind.name == "unet":
+                plan = chunking.plan_unet(component, max_size, limit, vae_factor, latent_multiple * vae_factor)
+                largest[component.name] = plan.largest
+            else:
+                largest[component.name] = chunking.largest_tensor(component, max_size, vae_factor)
+    except chunking.TensorLimitError as exc:
+        raise ExportError(str(exc)) from exc
+    if plan is not None:
+        chunked = {name: k for name, k in plan.chunks.items() if k > 1}
+        progress(f"tensor limit {limit:,} at {max_size[0]}x{max_size[1]}: {len(chunked)} of {len(plan.chunks)} "
+                 f"feed-forward/cross-attention modules token-chunked (up to {max(chunked.values(), default=1)} "
+                 f"windows); largest UNet tensor {plan.largest.elements:,}; batch 2 up to "
+                 f"{plan.max_batch2_size[0]}x{plan.max_batch2_size[1]} ({time.perf_counter() - start:.1f}s)")
+    return plan, largest
 
 
 def _components(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype, vae_dtype: torch.dtype,
@@ -262,9 +311,13 @@ def _save_scheduler_config(scheduler, folder: Path) -> None:
     (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _vae_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> PipelineFacts:
     vae_config = pipe.vae.config
-    vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    vae_factor = _vae_factor(pipe)
     return PipelineFacts(
         kind="sdxl" if xl else "sd",
         pipeline_class=type(pipe).__name__,

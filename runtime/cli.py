@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import hires
 from .cli_checks import (
     GPU_EXTRAS,
     CliError,
@@ -71,8 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
                    help="sequential runs the unconditional and text passes one after the other (less memory)")
-    p.add_argument("--tile-vae", choices=["auto", "on", "off"], default="auto",
-                   help="tiled VAE decode; auto tiles beyond twice the model's native size per side")
+    p.add_argument("--tile-vae", default="auto", metavar="auto|on|off|PIXELS",
+                   help="tiled VAE encode and decode; auto tiles beyond twice the model's native size per "
+                        "side, on sizes tiles from a memory budget, PIXELS is the tile edge (e.g. 1024)")
+    hires.add_cli_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its own choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
     p.add_argument("--memory-limit", metavar="SIZE",
@@ -89,6 +92,27 @@ def progress_bar(step: int, total: int) -> None:
     done = width * step // total
     print(f"\r  denoising [{'#' * done}{'.' * (width - done)}] {step}/{total}",
           end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+
+def stage_progress(stage: int, step: int, total: int) -> None:
+    """The progress bar, restarted for each stage of a hires chain."""
+    if step == 1 and stage:
+        print(f"  stage {stage}", file=sys.stderr, flush=True)
+    progress_bar(step, total)
+
+
+def tile_option(text: str) -> bool | int | None:
+    """--tile-vae: auto -> None, on -> True, off -> False, a number -> a tile edge in pixels."""
+    named = {"auto": None, "on": True, "off": False}
+    if text.lower() in named:
+        return named[text.lower()]
+    try:
+        pixels = int(text)
+    except ValueError:
+        raise CliError(f"--tile-vae must be auto, on, off or a tile edge in pixels, got {text!r}") from None
+    if pixels < 1:
+        raise CliError(f"--tile-vae must be a positive number of pixels, got {pixels}")
+    return pixels
 
 
 def random_seed() -> int:
@@ -116,6 +140,11 @@ def preflight(args: argparse.Namespace) -> list[Path]:
             args.memory_limit = parse_memory(args.memory_limit)
         except ValueError as exc:
             raise CliError(f"--memory-limit: {exc}") from None
+    args.tile_vae = tile_option(args.tile_vae)
+    try:
+        args.hires = hires.from_cli(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from .controlnet import check_cli_arguments
 
     check_cli_arguments(args)
@@ -127,6 +156,19 @@ def preflight(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def check_size_and_stages(args: argparse.Namespace) -> None:
+    """The export's size limit and the hires stages, from its manifest alone (no model loads)."""
+    from .limits import check_size
+    from .manifest import load_manifest
+
+    facts = load_manifest(args.directory, verify=False, files=False).pipeline  # the files: at load
+    width, height = args.width or facts.default_size, args.height or facts.default_size
+    check_size(facts, width, height)
+    single_text = args.init_image is None and args.latents is None and args.num_images == 1
+    if args.hires.mode == "auto" and (single_text or args.hires != hires.Hires(steps=args.hires.steps)):
+        hires.stages(args.hires, width, height, args.steps, facts.default_size, facts.pixel_multiple)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -134,12 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         return fail(PROG, exc)
 
+    from .manifest import ManifestError
+    from .request import GenerationError
+
+    try:
+        check_size_and_stages(args)
+    except (ManifestError, GenerationError) as exc:
+        return fail(PROG, exc)
+
     import numpy as np
 
     from .backends.select import BackendError
     from .controlnet import control_kwargs
-    from .manifest import ManifestError
-    from .pipeline import GenerationError, Pipeline
+    from .pipeline import Pipeline
 
     latents = None
     if args.latents:
@@ -154,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Pipeline.from_export(args.directory, backend=args.backend, verify=not args.no_verify,
                                     intra_op_threads=args.threads, memory_limit=args.memory_limit)
         load_time = time.perf_counter() - start
-        tile = {"auto": None, "on": True, "off": False}[args.tile_vae]
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
-                      cfg_mode=args.cfg_mode, tile_vae=tile, callback=progress_bar, **control_kwargs(args))
+                      cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress,
+                      **control_kwargs(args))
     except (ManifestError, GenerationError, BackendError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):
@@ -172,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"cannot write {args.output}: {exc} (seed {result.seed})")
     scheduler = getattr(result, "scheduler", None) or args.scheduler or _default_scheduler(pipe)
     t = result.timings
+    for record in t.get("stages", []) if len(t.get("stages", [])) > 1 else []:
+        print(hires.stage_line(record))
     print(f"seed {result.seed}; scheduler {scheduler}; backend {pipe.backend}; load {load_time:.2f}s, "
           f"encode {t['encode']:.2f}s, UNet {t['unet_per_step']:.3f}s/step, denoise {t['denoise']:.2f}s, "
           f"decode {t['decode']:.2f}s, total {t['total']:.2f}s")

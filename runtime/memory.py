@@ -172,13 +172,6 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / MIB:.0f} MiB"
 
 
-def tile_count(length: int, tile: int) -> int:
-    """Tiles along one side, as runtime/vae.py lays them out (overlap tile // 4)."""
-    if length <= tile:
-        return 1
-    return math.ceil((length - tile) / (tile - tile // 4)) + 1
-
-
 def repeats(calls: float) -> float:
     """ORT's memory pattern: from the second call with the same shapes on, a session allocates the
     planned peak as one block beside the arena chunks of the first call, so its memory doubles."""
@@ -194,11 +187,13 @@ def vae_peak(convolutions: float, attention: float, reuse: bool) -> float:
 
 def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, cfg: str = "batched",
              vae_tile: int | None = None, img2img: bool = False, backend: str = "onnxruntime",
-             steps: int | None = None) -> Estimate:
+             steps: int | None = None, vae_tile_batch: int = 1, vae_overlap: int | None = None) -> Estimate:
     """Peak memory of one generation. ``cfg``: none, batched (UNet batch 2 x batch) or sequential;
     ``vae_tile``: the latent tile side when the VAE runs tiled, else None; ``backend``: onnxruntime
     (host RSS of the whole process) or tensorrt (device memory). ``steps``: UNet steps run; None
-    (default) assumes more than one, which is the larger case (see ``repeats``)."""
+    (default) assumes more than one, which is the larger case (see ``repeats``). ``vae_tile_batch``:
+    tiles per VAE call; ``vae_overlap``: their overlap in latent pixels (default: a quarter tile, at
+    most ``runtime.vae.DEFAULT_OVERLAP``), laid out as ``runtime.vae.Tiling.spans`` lays them."""
     if cfg not in ("none", "batched", "sequential"):
         raise ValueError(f"cfg must be none, batched or sequential, got {cfg!r}")
     if min(height, width, batch) < 1 or (vae_tile is not None and vae_tile < 1):
@@ -218,17 +213,24 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
                          * unit["unet"])
 
     outer, inner = f.vae_widths()
-    tile_h, tile_w = (min(vae_tile, lat_h), min(vae_tile, lat_w)) if vae_tile else (lat_h, lat_w)
-    tiles = tile_count(lat_h, vae_tile) * tile_count(lat_w, vae_tile) if vae_tile else 1
+    tile_h, tile_w, tiles = lat_h, lat_w, 1
+    if vae_tile:
+        from .vae import DEFAULT_OVERLAP, Tiling
+
+        overlap = min(DEFAULT_OVERLAP, vae_tile // 4) if vae_overlap is None else vae_overlap
+        layout = Tiling(vae_tile, overlap)
+        (rows, tile_h), (columns, tile_w) = layout.spans(lat_h), layout.spans(lat_w)
+        tiles = len(rows) * len(columns)
+    per_call = max(1, min(vae_tile_batch, tiles))  # tiles decoded together in one VAE call
     tile_px = tile_h * tile_w * f.vae_factor**2
     tokens2 = float(tile_h * tile_w) ** 2
     attention = ATTENTION_K * tokens2
     images = 0 if trt else IMAGE_COPIES * batch * 3 * height * width * 4  # host arrays, not device memory
-    again = 1 if trt else repeats(tiles)
-    decode = vae_peak(VAE_K * inner * tile_px, attention, 2 * inner * tile_px <= tokens2)
+    again = 1 if trt else repeats(math.ceil(tiles / per_call))
+    decode = per_call * vae_peak(VAE_K * inner * tile_px, attention, 2 * inner * tile_px <= tokens2)
     stages["vae_decode"] = int(again * batch * unit["vae_decoder"] * decode + images)
     if img2img:  # the init image is encoded once, then repeated to the batch
-        encode = vae_peak(VAE_ENCODER_K * outer * tile_px, attention, 2 * outer * tile_px <= tokens2)
+        encode = per_call * vae_peak(VAE_ENCODER_K * outer * tile_px, attention, 2 * outer * tile_px <= tokens2)
         stages["vae_encode"] = int(again * unit["vae_encoder"] * encode
                                    + (0 if trt else ENCODE_IMAGE_COPIES * 3 * height * width * 4))
 
@@ -239,7 +241,7 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     else:
         weights, activations, base = int(WEIGHT_FACTOR * disk), sum(stages.values()), BASE
     request = {"height": height, "width": width, "batch": batch, "cfg": cfg, "unet_batch": unet_batch,
-               "vae_tile": vae_tile, "img2img": img2img, "steps": steps}
+               "vae_tile": vae_tile, "vae_tile_batch": per_call, "img2img": img2img, "steps": steps}
     return Estimate(int(base + weights + activations), weights, int(activations), stages, backend, request)
 
 

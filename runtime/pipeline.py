@@ -10,17 +10,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import controlnet, memory, vae
+from . import controlnet, limits, memory, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
 from .guidance import combine_guidance
+from .hires import Hires, resolve_hires, run_chain, stage_callback
 from .images import load_image, to_pil, to_unit_range
 from .manifest import Manifest, ManifestError, load_manifest
 from .prompts import TextStack, sdxl_time_ids
@@ -118,25 +119,36 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | None = None, scheduler: str | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None, image: Any = None,
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
-                 cfg_mode: str = "batched", tile_vae: bool | None = None, memory_limit: int | str | None = None,
-                 callback: Callable[[int, int], None] | None = None, control_image: Any = None,
+                 cfg_mode: str = "batched", tile_vae: bool | int | None = None,
+                 memory_limit: int | str | None = None, hires: Hires | str | None = None,
+                 callback: Callable[..., None] | None = None, control_image: Any = None,
                  controlnet_conditioning_scale: float | Sequence[float] | None = None,
                  control_guidance_start: float | Sequence[float] | None = None,
                  control_guidance_end: float | Sequence[float] | None = None) -> PipelineOutput:
-        """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``)."""
+        """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``).
+        ``hires``: "auto" (or a ``runtime.hires.Hires``) reaches a large size through the staged
+        SDEdit chain; None or "off": one pass at the requested size, as diffusers' pipelines do.
+        ``control_image`` and the ``control*`` arguments: ControlNet exports (``runtime.controlnet``)."""
         request = GenerationRequest(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed, scheduler,
             num_images_per_prompt, latents, image, strength, output_type, guidance_rescale, cfg_mode, tile_vae,
-            memory_limit, control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            memory_limit, hires, control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         return self.generate(request, callback)
 
-    def generate(self, request: GenerationRequest,
-                 callback: Callable[[int, int], None] | None = None) -> PipelineOutput:
-        """Run one request: checked first (``plan``), then encode, denoise, decode."""
+    def generate(self, request: GenerationRequest, callback: Callable[..., None] | None = None,
+                 generator: TorchCompatibleGenerator | None = None) -> PipelineOutput:
+        """Run one request: checked first (``plan``), then encode, denoise, decode. A request with
+        ``hires`` runs the staged chain (``runtime.hires``), which calls back here once per stage
+        with its own ``generator``: draw from it instead of a fresh one seeded with the plan's seed."""
+        chain = resolve_hires(request)
+        if chain is not None:
+            return run_chain(self, replace(request, hires=None), chain, callback)
+        callback = stage_callback(callback, 0)  # a (stage, step, total) callback works here too
         start = time.perf_counter()
         plan = self.plan(request)
-        generator = TorchCompatibleGenerator(plan.seed)
+        generator = TorchCompatibleGenerator(plan.seed) if generator is None else generator
         timings: dict[str, float] = {}
         tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
 
@@ -213,9 +225,13 @@ class Pipeline:
             raise GenerationError(f"height and width must be positive multiples of {multiple} "
                                   f"(latent multiple {self.manifest.latent_multiple} x VAE factor "
                                   f"{self.vae_factor}); got {width}x{height}")
+        limits.check_size(self.facts, width, height)
         plan = Plan(prompts, negative, height, width, numbers["steps"], numbers["guidance_scale"],
                     numbers["guidance_rescale"], name, numbers["images_per_prompt"], request.cfg_mode,
                     numbers["seed"], request.output_type, request.tile_vae, strength, init, control=control)
+        # Above the export's batch-2 size, batched guidance would put UNet tensors above the limit.
+        mode = limits.cfg_mode_for(self.facts, width, height, plan.batch, request.cfg_mode)
+        plan.cfg_mode = mode if plan.cfg else request.cfg_mode
         if request.latents is not None:
             latents = np.asarray(request.latents, dtype=np.float32)
             if latents.shape != self._latent_shape(plan):
@@ -255,7 +271,9 @@ class Pipeline:
         tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
         return memory.estimate(self.footprint, height=plan.height, width=plan.width, batch=plan.batch,
                                cfg=cfg_mode if plan.cfg else "none", vae_tile=tiling.tile if tiling else None,
-                               img2img=plan.init_image is not None, backend=self.backend, steps=plan.steps)
+                               img2img=plan.init_image is not None, backend=self.backend, steps=plan.steps,
+                               vae_tile_batch=tiling.batch if tiling else 1,
+                               vae_overlap=tiling.overlap if tiling else None)
 
     def _check_engine_shapes(self, plan: Plan) -> None:
         lat = self._latent_shape(plan)
@@ -270,12 +288,16 @@ class Pipeline:
         except ShapeError as exc:
             raise GenerationError(str(exc)) from exc
 
-    def tiling(self, latent_h: int, latent_w: int, tile_vae: bool | None) -> vae.Tiling | None:
-        """Tiles when asked, or automatically beyond twice the model's native size per side."""
-        tile = self.latent_tile
-        if tile_vae is None:
-            tile_vae = latent_h * latent_w > (2 * tile) ** 2
-        return vae.Tiling(tile, tile // 4) if tile_vae else None
+    def tiling(self, latent_h: int, latent_w: int, tile_vae: bool | int | None) -> vae.Tiling | None:
+        """Tiles when asked (True: the largest tile the VAE budget allows; an int: tile edge in
+        image pixels), or automatically beyond twice the model's native size per side."""
+        decoder = self.runners[VAE_DECODER.name]
+        channels = (self.facts.vae_block_channels or (128,))[0]
+        try:
+            return vae.choose_tiling(latent_h, latent_w, tile_vae, self.latent_tile, self.vae_factor, channels,
+                                     decoder.input_dtype(decoder.input_names[0]).itemsize)
+        except ValueError as exc:
+            raise GenerationError(f"tile_vae: {exc}") from exc
 
     def _latent_shape(self, plan: Plan) -> tuple[int, int, int, int]:
         return (plan.batch, self.facts.latent_channels, plan.height // self.vae_factor, plan.width // self.vae_factor)
@@ -339,8 +361,7 @@ class Pipeline:
         if len(timesteps) == 0:
             raise GenerationError(f"strength {request.strength} with {request.steps} steps leaves no step to run")
         sched.set_begin_index(t_start * sched.order)
-        encoder_tiling = tiling and vae.Tiling(tiling.tile, tiling.overlap)
-        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor, encoder_tiling)
+        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor, tiling)
         mean_shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = vae.sample_latents(parameters, generator.randn(mean_shape))
         shift = self.facts.vae_shift_factor or 0.0

@@ -49,11 +49,15 @@ class GenerationRequest:
     output_type: str = "pil"
     guidance_rescale: float = 0.0
     cfg_mode: str = "batched"
-    tile_vae: bool | None = None
-    """None: tiled beyond twice the model's native size per side."""
+    tile_vae: bool | int | None = None
+    """None: tiled beyond twice the model's native size per side; True: tiles as large as the VAE
+    budget allows; an int: the tile edge in image pixels (``runtime.vae.choose_tiling``)."""
     memory_limit: int | str | None = None
     """Bytes (or "12G") this generation may use in all; None: the pipeline's limit, else the memory
     available now (``runtime.memory``). A request estimated above it is refused before any model runs."""
+    hires: Any = None
+    """The staged ultra-high-resolution chain (``runtime.hires``): "auto", "off" or a ``Hires``;
+    None: one pass at the requested size, as diffusers' pipelines do."""
     control_image: Any = None
     """ControlNet exports: the control image (a path or PIL image; a list, one per ControlNet)."""
     controlnet_conditioning_scale: float | Sequence[float] | None = None
@@ -79,7 +83,7 @@ class Plan:
     cfg_mode: str
     seed: int
     output_type: str
-    tile_vae: bool | None
+    tile_vae: bool | int | None
     strength: float | None = None
     init_image: np.ndarray | None = None
     latents: np.ndarray | None = None

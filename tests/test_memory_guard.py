@@ -17,6 +17,7 @@ from linfusion.runtime.memory import (
     estimate,
     parse_memory,
 )
+from linfusion.runtime.vae import choose_tiling
 
 GIB = 2**30
 
@@ -174,11 +175,14 @@ def test_estimate_bounds_a_measured_generation(tiny_export, tmp_path, side, step
         footprint = Footprint(**{**footprint.__dict__, **widths})
     measured = peak_rss_of_cli([str(tiny_export), "--prompt", "x", "--height", str(side), "--width", str(side),
                                 "--steps", str(steps), "--seed", "0", "--scheduler", "euler",
-                                "--cfg-mode", cfg, "--tile-vae", "on" if tile else "off",
-                                "--backend", "onnxruntime", "--output", str(tmp_path / "out.png")],
+                                "--cfg-mode", cfg, "--tile-vae", str(tile * 8) if tile else "off",
+                                "--hires", "off", "--backend", "onnxruntime", "--output", str(tmp_path / "out.png")],
                                tmp_path / "peak")
+    # The tiles as the runtime lays them out: a fixed overlap, as many per VAE call as its budget allows.
+    tiling = choose_tiling(side // 8, side // 8, tile * 8, 16, 8, footprint.vae_block_channels[0]) if tile else None
     est = estimate(footprint, height=side, width=side, batch=1, cfg=cfg, vae_tile=tile, img2img=False,
-                   backend="onnxruntime", steps=steps)
+                   backend="onnxruntime", steps=steps, vae_tile_batch=tiling.batch if tiling else 1,
+                   vae_overlap=tiling.overlap if tiling else None)
     assert measured <= est.total <= 1.5 * measured, (measured / 2**20, est.describe())
 
 

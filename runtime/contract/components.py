@@ -33,6 +33,19 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class LargestTensor:
+    """The largest tensor of a component at the export's max size and batch 1."""
+
+    name: str
+    """Where it is made: the module path below the component and the op, e.g. ``up_blocks.3/cat``."""
+    elements: int
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     """One exported component as the manifest records it."""
 
@@ -45,10 +58,15 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None
     linear_attention_nodes: int = 0
+    largest_tensor: LargestTensor | None = None
+    """At ``PipelineFacts.max_size`` and batch 1 (None in older exports). Only the UNet is held under
+    the tensor limit; the VAE is tiled by the runtime, so its entry says what an untiled run would need."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        if isinstance(self.largest_tensor, dict):  # as read back from the manifest's JSON
+            object.__setattr__(self, "largest_tensor", LargestTensor(**self.largest_tensor))
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
