@@ -132,10 +132,11 @@ def test_same_latents_give_diffusers_controlnet_image(runtime, preset):
 def test_plain_text_to_image_on_a_controlnet_export_feeds_zeros(runtime):
     """No control image: zero residuals, which must give diffusers' plain StableDiffusionPipeline image."""
     latents = np.random.default_rng(1).standard_normal((2, 4, 8, 12)).astype(np.float32)
-    ours = runtime("tiny-sd")([PROMPT, "a red cube"], latents=latents, output_type="np", **ARGS).images
+    args = {**ARGS, "negative_prompt": [ARGS["negative_prompt"]] * 2}  # diffusers wants a list for a list
+    ours = runtime("tiny-sd")([PROMPT, "a red cube"], latents=latents, output_type="np", **args).images
     with torch.no_grad():
         theirs = load_pipeline("tiny-sd").pipeline([PROMPT, "a red cube"], latents=torch.from_numpy(latents),
-                                                   output_type="np", **ARGS).images
+                                                   output_type="np", **args).images
     assert psnr(ours, theirs) >= 40
 
 
