@@ -7,7 +7,8 @@
     python benchmarks/controlnet_cost.py --plain DIR --controlnet DIR --sizes 512,1024 --repeats 3
 
 DIR: export directories (``linfusion-export --model sd15 --random-weights --components unet`` and
-the same with ``--controlnet random --components unet,controlnet``). Prints a markdown table and
+the same with ``--controlnet random --components unet,controlnet``); ``--torch-sizes`` adds PyTorch
+eager rows (builds the models itself). Prints a markdown table and
 writes JSON with ``--json``. Median of ``--repeats`` timed calls after one warm-up call.
 """
 
@@ -94,6 +95,34 @@ def compare(what: str, size: int, repeats: int, a: tuple, b: tuple) -> dict:
     return row
 
 
+def torch_rows(sizes: list[int], threads: int) -> list[dict]:
+    """PyTorch eager, one call each (in size order): the LinFusion UNet against a seeded random
+    ControlNet (softmax SDPA, memory-light on CPU) on the real-size SD-1.5 architecture."""
+    import torch
+    from linfusion.export.controlnet import attach_controlnets, controlnets_of
+
+    from linfusion import load_pipeline
+
+    torch.set_num_threads(threads)
+    loaded = load_pipeline("sd15", random_weights=True)
+    attach_controlnets(loaded, ["random"])
+    unet, control = loaded.pipeline.unet.eval(), controlnets_of(loaded.pipeline)["controlnet"]
+    rows = []
+    for size in sizes:
+        x, t = torch.randn(1, 4, size // 8, size // 8), torch.tensor([500.0])
+        context, image = torch.randn(1, 77, unet.config.cross_attention_dim), torch.rand(1, 3, size, size)
+        calls = {"b": (control, {"controlnet_cond": image}), "a": (unet, {})}
+        row = {"what": "step (PyTorch eager)", "size": size, "a": "UNet (LinFusion)", "b": "ControlNet (softmax)"}
+        with torch.no_grad():
+            for side, (model, extra) in calls.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                model(x, t, context, return_dict=False, **extra)
+                row[f"{side}_wall_s"], row[f"{side}_cpu_s"] = time.perf_counter() - start, time.process_time() - start_cpu
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plain", type=Path, required=True)
@@ -103,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torch-sizes", default="", help="also PyTorch eager at these sizes (e.g. 512,1024)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     from linfusion.runtime.contract import CONTROLNET, component_kind
@@ -129,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(compare("step", size, args.repeats,
                             ("UNet (LinFusion)", unet_cn, feed(spec_cn, args.batch, latent, factor, rng, zeros=False)),
                             ("ControlNet (softmax)", control, feed(spec_control, args.batch, latent, factor, rng))))
+    if args.torch_sizes:
+        del unet_cn, control
+        rows += torch_rows([int(s) for s in args.torch_sizes.split(",")], args.threads)
     record = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": args.threads},
               "date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "batch": args.batch, "rows": rows}
