@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-size", type=int, default=1024, help="image side to tune for (default 1024)")
     p.add_argument("--max-size", type=int, help="largest image side in pixels, up to the largest square within "
                    "the export's --max-size (default 2048, or that square's side where smaller)")
-    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each)")
+    p.add_argument("--sizes", help="exact sizes instead of a range: WxH,WxH,... (one static profile each; "
+                                   "default: the --min/--opt/--max-size range)")
     p.add_argument("--batch", default="1:1:4", help="images per prompt MIN:OPT:MAX (default 1:1:4); the "
                    "UNet range is doubled for classifier-free guidance")
     p.add_argument("--plugin", choices=("auto", "on", "off"), default="auto",

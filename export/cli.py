@@ -50,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
                    help="largest image the UNet must run at batch 1 with no tensor above --tensor-limit; "
                         "feed-forwards and cross-attentions are token-chunked for it (default 16384x8192)")
     p.add_argument("--tensor-limit", type=int, default=2**31 - 1, metavar="N",
-                   help="most elements any UNet tensor may have up to --max-size (default 2^31 - 1, "
-                        "TensorRT's limit)")
+                   help="most elements any UNet tensor may have up to --max-size (default 2147483647 = "
+                        "2^31 - 1, TensorRT's limit)")
     p.add_argument("--skip-parity", action="store_true",
                    help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
     p.add_argument("--offline", action="store_true", help="use only the local hub cache")

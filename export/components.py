@@ -112,7 +112,11 @@ def unet_inputs_maker(channels: int, context: int, pooled: int | None, xl: bool,
                       ) -> Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]:
     """The UNet's (and the ControlNet's) sample, timestep, text and SD-XL conditioning inputs."""
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        tensors = (torch.randn(batch, channels, height, width, generator=g).to(dtype),
+        sample = torch.randn(batch, channels, height, width, generator=g)
+        latent = pipe.vae.config.latent_channels
+        if channels == 2 * latent + 1:  # an inpainting UNet: latents, a 0/1 mask, masked-image latents
+            sample[:, latent] = (torch.rand(batch, height, width, generator=g) < 0.5).float()
+        tensors = (sample.to(dtype),
                    torch.rand(batch, generator=g) * 999.0,
                    torch.randn(batch, TEXT_LENGTH, context, generator=g).to(dtype))
         if xl:

@@ -321,7 +321,7 @@ def _pipeline_facts(pipe, xl: bool, latent_multiple: int) -> PipelineFacts:
     return PipelineFacts(
         kind="sdxl" if xl else "sd",
         pipeline_class=type(pipe).__name__,
-        latent_channels=pipe.unet.config.in_channels,
+        latent_channels=pipe.vae.config.latent_channels,  # an inpainting UNet takes 2x + 1 (runtime/inpaint.py)
         latent_multiple=latent_multiple,
         vae_scale_factor=vae_factor,
         vae_scaling_factor=vae_config.scaling_factor,

@@ -62,6 +62,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            None, None, None),
     Preset("tiny-sdxl", "Tiny SD-XL-shaped pipeline with random weights, for tests",
            None, None, 8),
+    Preset("tiny-sd-inpaint", "Tiny SD-1.x-shaped inpainting pipeline (9-channel UNet) with random weights, "
+           "for tests", None, None, None),
+    Preset("tiny-sdxl-inpaint", "Tiny SD-XL-shaped inpainting pipeline (9-channel UNet) with random weights, "
+           "for tests", None, None, 8),
 )}
 
 

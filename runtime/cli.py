@@ -55,9 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: TensorRT engines when built and importable here, else ONNX Runtime")
     p.add_argument("--init-image", help="image for img2img (SDEdit) (default: none, text to image)")
+    p.add_argument("--mask-image",
+                   help="inpainting: white where --init-image is regenerated (resized like diffusers; a mask of "
+                        "other proportions is refused) (default: none)")
     p.add_argument("--strength", type=float,
                    help="img2img: share of the schedule re-noised, in (0, 1] "
-                        "(default: 0.8 with --init-image)")
+                        "(default: 0.8 with --init-image, 1 with --mask-image)")
     p.add_argument("--control-image", action="append", metavar="PATH",
                    help="ControlNet exports: the control image (edges, depth, pose ...), resized to the request's "
                         "size like diffusers; repeat once per ControlNet (default: none, plain text to image)")
@@ -145,6 +148,10 @@ def preflight(args: argparse.Namespace) -> list[Path]:
         args.hires = hires.from_cli(args)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.mask_image is not None:
+        from .inpaint import check_mask_file
+
+        check_mask_file(args.mask_image, args.init_image)
     from .controlnet import check_cli_arguments
 
     check_cli_arguments(args)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
                       cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress,
-                      **control_kwargs(args))
+                      mask_image=args.mask_image, **control_kwargs(args))
     except (ManifestError, GenerationError, BackendError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):

@@ -302,10 +302,13 @@ def run_chain(pipe: Any, request: GenerationRequest, hires: Hires,
 def add_cli_arguments(parser: Any) -> None:
     """``--hires auto|off``, ``--hires-base WxH``, ``--hires-strengths``, ``--hires-steps`` (argparse)."""
     parser.add_argument("--hires", default="auto", choices=MODES,
-                        help="auto: reach sizes beyond twice the native side in x2 img2img stages (SDEdit)")
+                        help="auto: reach sizes beyond twice the native side in x2 img2img stages (SDEdit); "
+                             "off: one pass (default: auto)")
     parser.add_argument("--hires-base", help="size of the text-to-image stage, WxH (default: the auto rule)")
-    parser.add_argument("--hires-strengths", help="img2img strength per upscale stage, e.g. 0.4,0.3,0.2,0.1")
-    parser.add_argument("--hires-steps", help="denoising steps the upscale stages are scheduled with")
+    parser.add_argument("--hires-strengths", help="img2img strength per upscale stage, e.g. 0.4,0.3,0.2,0.1 "
+                                                  "(default: linear from 0.4 to 0.1)")
+    parser.add_argument("--hires-steps", help="denoising steps the upscale stages are scheduled with "
+                                              "(default: --steps)")
 
 
 def from_cli(args: Any) -> Hires:

@@ -187,13 +187,16 @@ def vae_peak(convolutions: float, attention: float, reuse: bool) -> float:
 
 def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, cfg: str = "batched",
              vae_tile: int | None = None, img2img: bool = False, backend: str = "onnxruntime",
-             steps: int | None = None, vae_tile_batch: int = 1, vae_overlap: int | None = None) -> Estimate:
+             steps: int | None = None, vae_tile_batch: int = 1, vae_overlap: int | None = None,
+             encodes: int = 1) -> Estimate:
     """Peak memory of one generation. ``cfg``: none, batched (UNet batch 2 x batch) or sequential;
     ``vae_tile``: the latent tile side when the VAE runs tiled, else None; ``backend``: onnxruntime
     (host RSS of the whole process) or tensorrt (device memory). ``steps``: UNet steps run; None
     (default) assumes more than one, which is the larger case (see ``repeats``). ``vae_tile_batch``:
     tiles per VAE call; ``vae_overlap``: their overlap in latent pixels (default: a quarter tile, at
-    most ``runtime.vae.DEFAULT_OVERLAP``), laid out as ``runtime.vae.Tiling.spans`` lays them."""
+    most ``runtime.vae.DEFAULT_OVERLAP``), laid out as ``runtime.vae.Tiling.spans`` lays them.
+    ``encodes``: VAE encoder calls at the same size (inpainting may encode the init and the masked
+    image; see ``runtime.inpaint``)."""
     if cfg not in ("none", "batched", "sequential"):
         raise ValueError(f"cfg must be none, batched or sequential, got {cfg!r}")
     if min(height, width, batch) < 1 or (vae_tile is not None and vae_tile < 1):
@@ -231,7 +234,8 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     stages["vae_decode"] = int(again * batch * unit["vae_decoder"] * decode + images)
     if img2img:  # the init image is encoded once, then repeated to the batch
         encode = per_call * vae_peak(VAE_ENCODER_K * outer * tile_px, attention, 2 * outer * tile_px <= tokens2)
-        stages["vae_encode"] = int(again * unit["vae_encoder"] * encode
+        again_encode = 1 if trt else repeats(math.ceil(tiles / per_call) * max(encodes, 1))
+        stages["vae_encode"] = int(again_encode * unit["vae_encoder"] * encode
                                    + (0 if trt else ENCODE_IMAGE_COPIES * 3 * height * width * 4))
 
     loaded = [*f.text_encoders, "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])

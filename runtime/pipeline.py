@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import controlnet, limits, memory, vae
+from . import controlnet, inpaint, limits, memory, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -64,6 +64,8 @@ class Pipeline:
         self.latent_tile = self.facts.native_latent_side
         self.memory_limit = None if memory_limit is None else memory.parse_memory(memory_limit)
         self.footprint = memory.Footprint.from_export(directory, manifest)
+        self.unet_extra_channels = inpaint.unet_extra_channels(manifest)
+        """0, or the mask and masked-image channels of an inpainting UNet (``runtime.inpaint``)."""
         self.no_control = controlnet.ControlNets(self, None)
         """Zero residuals for a ControlNet export's UNet when no control image is given."""
 
@@ -121,7 +123,7 @@ class Pipeline:
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
                  cfg_mode: str = "batched", tile_vae: bool | int | None = None,
                  memory_limit: int | str | None = None, hires: Hires | str | None = None,
-                 callback: Callable[..., None] | None = None, control_image: Any = None,
+                 callback: Callable[..., None] | None = None, mask_image: Any = None, control_image: Any = None,
                  controlnet_conditioning_scale: float | Sequence[float] | None = None,
                  control_guidance_start: float | Sequence[float] | None = None,
                  control_guidance_end: float | Sequence[float] | None = None) -> PipelineOutput:
@@ -132,7 +134,7 @@ class Pipeline:
         request = GenerationRequest(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed, scheduler,
             num_images_per_prompt, latents, image, strength, output_type, guidance_rescale, cfg_mode, tile_vae,
-            memory_limit, hires, control_image=control_image,
+            memory_limit, hires, mask_image=mask_image, control_image=control_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         return self.generate(request, callback)
@@ -162,7 +164,10 @@ class Pipeline:
         sched.set_timesteps(plan.steps)
         timesteps = sched.timesteps
         t0 = time.perf_counter()
-        if plan.init_image is not None:
+        inpainting = None
+        if plan.mask is not None:
+            timesteps, latents, inpainting = inpaint.prepare(self, plan, sched, generator, tiling)
+        elif plan.init_image is not None:
             timesteps, latents = self._img2img_latents(plan, sched, generator, tiling)
         else:
             sched.set_begin_index(0)  # as diffusers' SD-XL does; safe with repeated Karras timesteps
@@ -175,6 +180,8 @@ class Pipeline:
         controls = controlnet.ControlNets(self, plan.control) if plan.control else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
+            if inpainting is not None:
+                model_input = inpainting.unet_input(model_input)
             u0 = time.perf_counter()
             if controls:
                 plan.control.step, plan.control.steps = i, len(timesteps)
@@ -182,6 +189,8 @@ class Pipeline:
             unet_time += time.perf_counter() - u0
             step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
+            if inpainting is not None:
+                latents = inpainting.blend(latents, i, timesteps, sched)
             if callback is not None:
                 callback(i + 1, len(timesteps))
         timings["denoise"] = time.perf_counter() - t0
@@ -204,18 +213,22 @@ class Pipeline:
             make_scheduler(name, self.scheduler_config).set_timesteps(numbers["steps"])
         except ValueError as exc:
             raise GenerationError(f"scheduler {name}: {exc}" if name not in str(exc) else str(exc)) from exc
-        height, width, strength, init = numbers["height"], numbers["width"], numbers["strength"], None
+        height, width, strength, init, mask = numbers["height"], numbers["width"], numbers["strength"], None, None
+        inpaint.check_request(request, self.unet_extra_channels)
         if request.image is not None:
             if VAE_ENCODER.name not in self.manifest.components:
                 raise GenerationError("this export has no vae_encoder, which img2img needs")
-            strength = 0.8 if strength is None else strength
-            if request.latents is not None:
-                raise GenerationError("pass either latents or an init image, not both")
+            strength = (0.8 if request.mask_image is None else 1.0) if strength is None else strength
+            if request.latents is not None and (request.mask_image is None or strength < 1):
+                raise GenerationError("pass either latents or an init image, not both (inpainting: latents "
+                                      "with strength 1)")
             try:
                 init = load_image(request.image, width, height, self.manifest.pixel_multiple)
             except ValueError as exc:
                 raise GenerationError(str(exc)) from exc
             height, width = init.shape[2:]
+            if request.mask_image is not None:
+                mask = inpaint.load_mask(request.mask_image, width, height, inpaint.source_size(request.image))
         batch = len(prompts) * numbers["images_per_prompt"]
         control, height, width = controlnet.plan_control(request, self.manifest, height, width, batch)
         height = height or self.default_size
@@ -228,7 +241,8 @@ class Pipeline:
         limits.check_size(self.facts, width, height)
         plan = Plan(prompts, negative, height, width, numbers["steps"], numbers["guidance_scale"],
                     numbers["guidance_rescale"], name, numbers["images_per_prompt"], request.cfg_mode,
-                    numbers["seed"], request.output_type, request.tile_vae, strength, init, control=control)
+                    numbers["seed"], request.output_type, request.tile_vae, strength, init, mask=mask,
+                    control=control)
         # Above the export's batch-2 size, batched guidance would put UNet tensors above the limit.
         mode = limits.cfg_mode_for(self.facts, width, height, plan.batch, request.cfg_mode)
         plan.cfg_mode = mode if plan.cfg else request.cfg_mode
@@ -269,16 +283,19 @@ class Pipeline:
 
     def _estimate(self, plan: Plan, cfg_mode: str) -> memory.Estimate:
         tiling = self.tiling(plan.height // self.vae_factor, plan.width // self.vae_factor, plan.tile_vae)
+        encodes = 1 if plan.mask is None else inpaint.encoder_calls(self.unet_extra_channels, plan.strength,
+                                                                     plan.latents is not None)
         return memory.estimate(self.footprint, height=plan.height, width=plan.width, batch=plan.batch,
                                cfg=cfg_mode if plan.cfg else "none", vae_tile=tiling.tile if tiling else None,
                                img2img=plan.init_image is not None, backend=self.backend, steps=plan.steps,
                                vae_tile_batch=tiling.batch if tiling else 1,
-                               vae_overlap=tiling.overlap if tiling else None)
+                               vae_overlap=tiling.overlap if tiling else None, encodes=encodes)
 
     def _check_engine_shapes(self, plan: Plan) -> None:
         lat = self._latent_shape(plan)
         try:
-            self.runners[UNET.name].check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
+            unet_channels = lat[1] + self.unet_extra_channels
+            self.runners[UNET.name].check_shapes({UNetIO.sample: (plan.unet_batch, unet_channels, *lat[2:])})
             for name in plan.control.names if plan.control else ():
                 self.runner(name).check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
             tiled = self.tiling(lat[2], lat[3], plan.tile_vae)
@@ -353,19 +370,28 @@ class Pipeline:
         shift = self.facts.vae_shift_factor or 0.0
         return latents / np.float32(self.facts.vae_scaling_factor) + np.float32(shift)
 
-    def _img2img_latents(self, request: Plan, sched, generator, tiling) -> tuple[np.ndarray, np.ndarray]:
-        """SDEdit as diffusers does it: encode, sample, scale, then noise to the start timestep."""
+    def _start_timesteps(self, request: Plan, sched):
+        """The schedule's tail that ``strength`` leaves, as diffusers' get_timesteps cuts it."""
         init_steps = min(int(request.steps * request.strength), request.steps)
         t_start = max(request.steps - init_steps, 0)
         timesteps = sched.timesteps[t_start * sched.order:]
         if len(timesteps) == 0:
             raise GenerationError(f"strength {request.strength} with {request.steps} steps leaves no step to run")
         sched.set_begin_index(t_start * sched.order)
-        parameters = vae.encode(self.runner(VAE_ENCODER.name), request.init_image, self.vae_factor, tiling)
+        return timesteps
+
+    def _encode_latents(self, images: np.ndarray, generator, tiling) -> np.ndarray:
+        """Images in [-1, 1] -> scaled latents, sampled from the VAE's distribution with ``generator``."""
+        parameters = vae.encode(self.runner(VAE_ENCODER.name), images, self.vae_factor, tiling)
         mean_shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = vae.sample_latents(parameters, generator.randn(mean_shape))
         shift = self.facts.vae_shift_factor or 0.0
-        latents = (latents - np.float32(shift)) * np.float32(self.facts.vae_scaling_factor)
+        return (latents - np.float32(shift)) * np.float32(self.facts.vae_scaling_factor)
+
+    def _img2img_latents(self, request: Plan, sched, generator, tiling) -> tuple[np.ndarray, np.ndarray]:
+        """SDEdit as diffusers does it: encode, sample, scale, then noise to the start timestep."""
+        timesteps = self._start_timesteps(request, sched)
+        latents = self._encode_latents(request.init_image, generator, tiling)
         if request.batch % latents.shape[0] == 0 and request.batch > latents.shape[0]:
             latents = np.concatenate([latents] * (request.batch // latents.shape[0]))
         noise = generator.randn(latents.shape)

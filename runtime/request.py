@@ -58,6 +58,8 @@ class GenerationRequest:
     hires: Any = None
     """The staged ultra-high-resolution chain (``runtime.hires``): "auto", "off" or a ``Hires``;
     None: one pass at the requested size, as diffusers' pipelines do."""
+    mask_image: Any = None
+    """Inpainting: white where ``image`` is regenerated (a path, PIL image or HxW array); see ``runtime.inpaint``."""
     control_image: Any = None
     """ControlNet exports: the control image (a path or PIL image; a list, one per ControlNet)."""
     controlnet_conditioning_scale: float | Sequence[float] | None = None
@@ -89,6 +91,8 @@ class Plan:
     latents: np.ndarray | None = None
     memory: Any = None
     """The memory estimate the plan was admitted with (``runtime.memory.Estimate``)."""
+    mask: np.ndarray | None = None
+    """Inpainting: [1, 1, height, width] of 0 and 1, as diffusers' mask processor makes it."""
     control: Any = None
     """ControlNet arguments, checked (``runtime.controlnet.ControlPlan``)."""
 

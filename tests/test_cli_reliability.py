@@ -234,7 +234,9 @@ def test_build_refuses_bad_outputs_before_loading(case, tmp_path, a_file, unwrit
 
 def test_build_without_tensorrt_names_the_gpu_extras(tmp_path, monkeypatch, capsys, no_building):
     monkeypatch.setattr(build_cli, "load_manifest",
-                        lambda directory: SimpleNamespace(pixel_multiple=32, components={"unet": None}))
+                        lambda directory: SimpleNamespace(pixel_multiple=32, components={"unet": None},
+                                                          pipeline=SimpleNamespace(max_size=None,
+                                                                                   max_batch2_size=None)))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     code = build_cli.main([str(tmp_path), "--output", str(tmp_path / "engines")])
     one_line_error(code, capsys.readouterr().err, "TensorRT is not installed",

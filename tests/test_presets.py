@@ -112,7 +112,8 @@ def test_real_size_presets_have_the_published_sizes(preset):
 
 
 def test_every_preset_is_listed_with_its_source():
-    assert set(PRESETS) == {"sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl"}
+    assert set(PRESETS) == {"sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint",
+                            "tiny-sdxl-inpaint"}
     assert PRESETS["sdxl"].linfusion_checkpoint == "Yuanshi/LinFusion-XL"
     with pytest.raises(ValueError, match="unknown preset 'sd16'"):
         get_preset("sd16")

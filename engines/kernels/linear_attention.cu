@@ -6,7 +6,10 @@
 //   out    = phi(q) kv / (phi(q) . mean + eps)   [B, N, H*D]    (input dtype)
 //
 // q, k, v and out are read and written in the [B, N, H*D] layout the graph produces: no
-// transposes. N is a run-time int; nothing is recompiled per resolution.
+// transposes. N is a run-time int, any value up to 2^31 - 1: a token position near N is only ever
+// formed as a 64-bit offset or compared as n0 + t < end through t < end - n0, never as an int
+// sum that could pass 2^31 - 1 (tests/test_tensor_limit.py runs the far-end blocks at that N).
+// Nothing is recompiled per resolution.
 //
 // Each kernel is one TensorRT AOT plugin launch (one kernel per plugin, no workspace), so the
 // reduction over N is split across launches instead of using atomics:
@@ -102,15 +105,23 @@ __device__ __forceinline__ LinfusionHead linfusion_head(int bh, int heads, int h
     return {row_stride, (long long)b * n_tokens * row_stride + (long long)(bh - b * heads) * head_dim};
 }
 
-// Tokens [begin, end) of one of `splits` equal splits of the N tokens (the last may be empty).
+// Tokens [begin, end) of one of `splits` equal splits of the N tokens (trailing splits may be
+// empty: begin == end == N). Any N up to 2^31 - 1: ceil(N / S) without N + S - 1, and the bounds
+// in 64 bits before they are clamped to N.
 struct LinfusionRange {
     int begin;
     int end;
 };
 __device__ __forceinline__ LinfusionRange linfusion_split_range(int split, int splits, int n_tokens) {
-    const int per_split = (n_tokens + splits - 1) / splits;
-    const int begin = split * per_split;
-    return {begin, min(n_tokens, begin + per_split)};
+    const long long per_split = n_tokens / splits + (n_tokens % splits != 0);
+    const long long begin = split * per_split, end = begin + per_split;
+    return {begin < n_tokens ? (int)begin : n_tokens, end < n_tokens ? (int)end : n_tokens};
+}
+
+// The start of the next chunk of `step` tokens before `end`, or `end`: n0 + step itself may pass
+// 2^31 - 1 when N is close to it. Token positions are kept as n0 plus an offset below `end - n0`.
+__device__ __forceinline__ int linfusion_next(int n0, int step, int end) {
+    return end - n0 > step ? n0 + step : end;
 }
 
 // Global loads each thread keeps in flight while staging a tile into shared memory.
@@ -137,14 +148,14 @@ __device__ __forceinline__ void linfusion_stage(const LinfusionTile<IO>& tile, i
         for (int u = 0; u < BATCH; ++u) {
             const int e = e0 + u * threads;
             const int t = e / tile.width, j = e - t * tile.width;
-            const bool valid = e < total && tile.col0 + j < tile.d && tile.n0 + t < tile.end;
-            raw[u] = valid ? IO::load(tile.base + (long long)(tile.n0 + t) * tile.row_stride + tile.col0 + j) : 0.0f;
+            const bool valid = e < total && tile.col0 + j < tile.d && t < tile.end - tile.n0;
+            raw[u] = valid ? IO::load(tile.base + ((long long)tile.n0 + t) * tile.row_stride + tile.col0 + j) : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) {
             const int e = e0 + u * threads;
             const int t = e / tile.width, j = e - t * tile.width;
-            if (e < total) store(t, j, raw[u], tile.col0 + j < tile.d && tile.n0 + t < tile.end);
+            if (e < total) store(t, j, raw[u], tile.col0 + j < tile.d && t < tile.end - tile.n0);
         }
     }
 }
@@ -187,7 +198,7 @@ __device__ __forceinline__ void linfusion_state(const typename IO::T* __restrict
         for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
     float ksum = 0.0f;
 
-    for (int n0 = begin; n0 < end; n0 += CH) {
+    for (int n0 = begin; n0 < end; n0 = linfusion_next(n0, CH, end)) {
         // padding rows and tokens past the split contribute nothing (0, not phi(0))
         linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{k_base, row_stride, n0, end, CH, 0, DP, D}, THREADS,
                                                [&](int t, int i, float x, bool valid) {
@@ -314,13 +325,13 @@ __device__ __forceinline__ void linfusion_apply(const typename IO::T* __restrict
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const int t = 4 * tt + r;
-        const int n = n0 + t;
-        if (n >= n_tokens) continue;
+        if (t >= n_tokens - n0) continue;
         const float inv_z = 1.0f / s_z[t];
 #pragma unroll
         for (int qq = 0; qq < 4; ++qq) {
             const int col = col0 + 4 * tj + qq;
-            if (4 * tj + qq < TJ && col < D) IO::store(o_base + (long long)n * row_stride + col, acc[r][qq] * inv_z);
+            if (4 * tj + qq < TJ && col < D)
+                IO::store(o_base + ((long long)n0 + t) * row_stride + col, acc[r][qq] * inv_z);
         }
     }
 }

@@ -78,12 +78,12 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
     auto load = [&](int n0) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-            const int n = n0 + 2 * tp + s;
+            const int t = 2 * tp + s;  // token n0 + t (n0 + t itself may pass 2^31 - 1)
             const uint4 zero = {0u, 0u, 0u, 0u};
             kr[s] = zero;
             vr[s] = zero;
-            if (dims_ok && n < end) {
-                const long long offset = (long long)n * row_stride + 8 * m;
+            if (dims_ok && t < end - n0) {
+                const long long offset = ((long long)n0 + t) * row_stride + 8 * m;
                 kr[s] = linfusion_ldg16(k_base + offset);
                 vr[s] = linfusion_ldg16(v_base + offset);
             }
@@ -93,11 +93,11 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
         if (begin < end) load(begin);
     }
 
-    for (int n0 = begin; n0 < end; n0 += CH) {
+    for (int n0 = begin; n0 < end; n0 = linfusion_next(n0, CH, end)) {
         if constexpr (VEC) {
             const uint4 zero = {0u, 0u, 0u, 0u};
-            const uint4 p0 = n0 + 2 * tp < end ? linfusion_phi8<IO>(kr[0]) : zero;  // padding stays 0
-            const uint4 p1 = n0 + 2 * tp + 1 < end ? linfusion_phi8<IO>(kr[1]) : zero;
+            const uint4 p0 = 2 * tp < end - n0 ? linfusion_phi8<IO>(kr[0]) : zero;  // padding stays 0
+            const uint4 p1 = 2 * tp + 1 < end - n0 ? linfusion_phi8<IO>(kr[1]) : zero;
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 *reinterpret_cast<unsigned int*>(&s_k[8 * m + u][2 * tp]) = dims_ok ? linfusion_pair(p0, p1, u) : 0u;
@@ -113,7 +113,7 @@ __device__ __forceinline__ void linfusion_state_tc_body(const typename IO::T* __
         }
         __syncthreads();
         if constexpr (VEC) {
-            if (n0 + CH < end) load(n0 + CH);  // the next chunk is in flight during the MMAs
+            if (end - n0 > CH) load(n0 + CH);  // the next chunk is in flight during the MMAs
         }
 #pragma unroll
         for (int k0 = 0; k0 < CH; k0 += 16) {
@@ -199,7 +199,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     const long long row_stride = head.row_stride;
     const int col0 = jt * TJ;
     const int begin = group * ROWS;
-    const int end = min(n_tokens, begin + ROWS);
+    const int end = n_tokens - begin > ROWS ? begin + ROWS : n_tokens;
     const float* st = state + (long long)bh * (D * (D + 1));
     const typename IO::T* q_base = q + head.offset;
     typename IO::T* o_base = out + head.offset;
@@ -213,7 +213,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
             const int i0 = 8 * (e - t * VPR);
             const uint4 zero = {0u, 0u, 0u, 0u};
             qr[u] = zero;
-            if (i0 < D && n0 + t < end) qr[u] = linfusion_ldg16(q_base + (long long)(n0 + t) * row_stride + i0);
+            if (i0 < D && t < end - n0) qr[u] = linfusion_ldg16(q_base + ((long long)n0 + t) * row_stride + i0);
         }
     };
     if constexpr (VEC) load(begin);  // the first pass's q is in flight while kv is converted
@@ -234,7 +234,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
     const float eps = __int_as_float(eps_bits) * scale;
 
     const int g = lane >> 2, c2 = 2 * (lane & 3);
-    for (int n0 = begin; n0 < end; n0 += TOK) {
+    for (int n0 = begin; n0 < end; n0 = linfusion_next(n0, TOK, end)) {
         __syncthreads();  // s_kv is ready; the previous pass is done with s_q
         if constexpr (VEC) {
 #pragma unroll
@@ -243,7 +243,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
                 const int t = e / VPR;
                 const int i0 = 8 * (e - t * VPR);
                 const uint4 zero = {0u, 0u, 0u, 0u};
-                *reinterpret_cast<uint4*>(&s_q[t][i0]) = (i0 < D && n0 + t < end) ? linfusion_phi8<IO>(qr[u]) : zero;
+                *reinterpret_cast<uint4*>(&s_q[t][i0]) = (i0 < D && t < end - n0) ? linfusion_phi8<IO>(qr[u]) : zero;
             }
         } else {
             linfusion_stage<LINFUSION_STAGE_BATCH>(LinfusionTile<IO>{q_base, row_stride, n0, end, TOK, 0, DK, D},
@@ -253,7 +253,7 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
         }
         __syncthreads();
         if constexpr (VEC) {
-            if (n0 + TOK < end) load(n0 + TOK);  // the next pass is in flight during the MMAs
+            if (end - n0 > TOK) load(n0 + TOK);  // the next pass is in flight during the MMAs
         }
         float acc[NT + 1][4];
 #pragma unroll
@@ -287,21 +287,22 @@ __device__ __forceinline__ void linfusion_apply_tc_body(const typename IO::T* __
             for (int e = lane; e < 16 * OV; e += 32) {
                 const int r = e / OV;
                 const int cv = e - r * OV;
-                const int n = n0 + 16 * warp + r;
-                if (n < end && col0 + 8 * cv < D)
-                    *reinterpret_cast<uint4*>(o_base + (long long)n * row_stride + col0 + 8 * cv) =
+                const int t = 16 * warp + r;  // token n0 + t
+                if (t < end - n0 && col0 + 8 * cv < D)
+                    *reinterpret_cast<uint4*>(o_base + ((long long)n0 + t) * row_stride + col0 + 8 * cv) =
                         *reinterpret_cast<const uint4*>(&s_q[16 * warp + r][8 * cv]);
             }
         } else {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int n = n0 + 16 * warp + g + (r >> 1) * 8;
-                if (n >= end) continue;
+                const int tn = 16 * warp + g + (r >> 1) * 8;  // token n0 + tn
+                if (tn >= end - n0) continue;
                 const float inv_z = (r >> 1) ? inv_hi : inv_lo;
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     const int j = 8 * t + c2 + (r & 1);
-                    if (j < TJ && col0 + j < D) IO::store(o_base + (long long)n * row_stride + col0 + j, acc[t][r] * inv_z);
+                    if (j < TJ && col0 + j < D) IO::store(o_base + ((long long)n0 + tn) * row_stride + col0 + j,
+                                                          acc[t][r] * inv_z);
                 }
             }
         }
