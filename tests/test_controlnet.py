@@ -161,7 +161,7 @@ def test_validation_covers_the_controlnet(cn_export):
                       progress=lambda line: None)
     checks = [c for c in report.checks if c.component == "controlnet"]
     assert checks and all(c.status == "passed" for c in checks)
-    assert {m.output for c in checks for m in c.metrics} >= {ControlNetIO.mid_block_residual}
+    assert {m.output for c in checks for m in c.outputs} >= {ControlNetIO.mid_block_residual}
 
 
 @pytest.mark.slow
