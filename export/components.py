@@ -108,12 +108,12 @@ def numpy_dtype(dtype: torch.dtype) -> str:
     return str(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else "bfloat16"
 
 
-def unet_inputs_maker(channels: int, context: int, pooled: int | None, xl: bool, dtype: torch.dtype
-                      ) -> Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]:
-    """The UNet's (and the ControlNet's) sample, timestep, text and SD-XL conditioning inputs."""
+def unet_inputs_maker(channels: int, context: int, pooled: int | None, xl: bool, dtype: torch.dtype,
+                      latent: int) -> Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]:
+    """The UNet's (and the ControlNet's) sample, timestep, text and SD-XL conditioning inputs;
+    ``latent``: the VAE's latent channels."""
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         sample = torch.randn(batch, channels, height, width, generator=g)
-        latent = pipe.vae.config.latent_channels
         if channels == 2 * latent + 1:  # an inpainting UNet: latents, a 0/1 mask, masked-image latents
             sample[:, latent] = (torch.rand(batch, height, width, generator=g) < 0.5).float()
         tensors = (sample.to(dtype),
@@ -133,7 +133,7 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
     context = unet.config.cross_attention_dim
     pooled = pipe.text_encoder_2.config.projection_dim if xl else None
     inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled)
-    make = unet_inputs_maker(channels, context, pooled, xl, dtype)
+    make = unet_inputs_maker(channels, context, pooled, xl, dtype, pipe.vae.config.latent_channels)
     return Component(UNET.name, UNET, UNetForExport(unet, xl), dtype, inputs, outputs,
                      make, latent_multiple, (2 * latent_multiple, 3 * latent_multiple))
 

@@ -198,7 +198,7 @@ def unet_with_residuals_component(pipe, xl: bool, latent_multiple: int, dtype: t
     pooled = pipe.text_encoder_2.config.projection_dim if xl else None
     inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled,
                               residuals)
-    base = unet_inputs_maker(channels, context, pooled, xl, dtype)
+    base = unet_inputs_maker(channels, context, pooled, xl, dtype, pipe.vae.config.latent_channels)
 
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         extra = tuple(torch.randn(batch, c, height // d, width // d, generator=g).to(dtype) * 0.5
@@ -216,7 +216,7 @@ def controlnet_component(name: str, pipe, xl: bool, latent_multiple: int, dtype:
     channels, context = unet.config.in_channels, unet.config.cross_attention_dim
     pooled = pipe.text_encoder_2.config.projection_dim if xl else None
     inputs, outputs = controlnet_io(numpy_dtype(dtype), channels, context, TEXT_LENGTH, pooled, residuals_of(unet))
-    base = unet_inputs_maker(channels, context, pooled, xl, dtype)
+    base = unet_inputs_maker(channels, context, pooled, xl, dtype, pipe.vae.config.latent_channels)
     factor = _vae_factor(pipe)
 
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
