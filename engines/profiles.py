@@ -149,6 +149,9 @@ def component_profiles(manifest: Manifest, component: str, spatial: list[Spatial
                     values = (d, d, d)
                 elif d in dims:
                     values = (dims[d].min, dims[d].opt, dims[d].max)
+                elif Axis.resolve(d):  # a UNet level's side (ControlNet residuals): height_div4
+                    base, divisor = Axis.resolve(d)
+                    values = (dims[base].min // divisor, dims[base].opt // divisor, dims[base].max // divisor)
                 else:
                     raise ProfileError(f"{component}: input '{tensor.name}' has an unknown dynamic axis '{d}'")
                 for row, value in zip(rows, values):

@@ -170,9 +170,10 @@ def meta_inputs(component: Component, batch: int, size: tuple[int, int],
                 shape.append(axis)
             elif axis == Axis.BATCH:
                 shape.append(batch)
-            else:
-                pixels = height if axis in Axis.VERTICAL else width
-                shape.append(pixels // vae_factor if Axis.UNITS[axis] == "latent" else pixels)
+            else:  # a spatial axis, or a UNet level's side (ControlNet residuals: height_div4)
+                base, divisor = Axis.resolve(axis)
+                pixels = height if base in Axis.VERTICAL else width
+                shape.append((pixels // vae_factor if Axis.UNITS[base] == "latent" else pixels) // divisor)
         tensors.append(torch.empty(shape, dtype=getattr(torch, spec.dtype), device="meta"))
     return tuple(tensors)
 

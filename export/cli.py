@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="build the preset's real architecture offline with seeded random weights")
     p.add_argument("--vae", help="replacement VAE (folder or hub id), e.g. a fixed fp16 SD-XL VAE; "
                                  "one without force_upcast is exported in fp16 (default: the model's own)")
+    p.add_argument("--controlnet", action="append", metavar="MODEL",
+                   help="ControlNet to export beside the UNet (local diffusers folder or hub id; repeat for "
+                        "several; 'random': seeded random weights from the UNet, for tests and offline use)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     p.add_argument("--revision", help="hub revision of the base model (default: the latest)")
     p.add_argument("--output", required=True, help="export directory to create")
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from linfusion.mount import CheckpointMismatchError
 
     from .chunking import TensorLimitError, parse_size
+    from .controlnet import ControlNetSourceError, attach_controlnets
     from .exporter import PRECISIONS, ExportError, available_components, export_pipeline
     from .onnx_file import SUPPORTED_OPSETS, ExportCheckError
 
@@ -89,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"--tensor-limit must be a positive number of elements, got {args.tensor_limit}")
     components = [c.strip() for c in args.components.split(",")] if args.components else None
     if components:
-        unknown = sorted(set(components) - set(available_components(True)))
+        known = available_components(True, len(args.controlnet or ()))
+        unknown = sorted(set(components) - set(known))
         if unknown:
-            return fail(PROG, f"unknown component(s) {', '.join(unknown)}; choose from "
-                        f"{', '.join(available_components(True))}")
+            return fail(PROG, f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(known)}")
 
     from linfusion.runtime.lora_keys import LoraError, check_file, parse_lora_arg
 
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_pipeline(args.model, linfusion=args.linfusion, random_weights=args.random_weights,
                                    dtype=PRECISIONS[args.precision], seed=args.seed, revision=args.revision,
                                    local_files_only=args.offline, vae=args.vae)
+            if args.controlnet:
+                attach_controlnets(loaded, args.controlnet, args.seed, args.offline)
             print(f"loaded in {time.perf_counter() - start:.1f}s; exporting to {args.output} "
                   f"({args.precision}, opset {args.opset})", flush=True)
             export_pipeline(loaded, args.output, args.precision, args.opset, components, args.force,
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelSourceError as exc:  # the API words the remedy for Python callers; say it in flags here
         hint = getattr(exc, "cli_hint", None)
         return fail(PROG, f"{getattr(exc, 'problem', exc)}; {hint}" if hint else exc)
-    except (CheckpointMismatchError, ExportError, ExportCheckError, LoraError, OSError) as exc:
+    except (CheckpointMismatchError, ControlNetSourceError, ExportError, ExportCheckError, LoraError,
+            OSError) as exc:
         return fail(PROG, exc)
     except Terminated as exc:
         fail(PROG, f"{exc}; nothing was written")

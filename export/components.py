@@ -108,16 +108,12 @@ def numpy_dtype(dtype: torch.dtype) -> str:
     return str(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else "bfloat16"
 
 
-def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> Component:
-    unet = pipe.unet
-    channels = unet.config.in_channels
-    context = unet.config.cross_attention_dim
-    pooled = pipe.text_encoder_2.config.projection_dim if xl else None
-    inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled)
-
+def unet_inputs_maker(channels: int, context: int, pooled: int | None, xl: bool, dtype: torch.dtype,
+                      latent: int) -> Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]:
+    """The UNet's (and the ControlNet's) sample, timestep, text and SD-XL conditioning inputs;
+    ``latent``: the VAE's latent channels."""
     def make(batch: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         sample = torch.randn(batch, channels, height, width, generator=g)
-        latent = pipe.vae.config.latent_channels
         if channels == 2 * latent + 1:  # an inpainting UNet: latents, a 0/1 mask, masked-image latents
             sample[:, latent] = (torch.rand(batch, height, width, generator=g) < 0.5).float()
         tensors = (sample.to(dtype),
@@ -128,7 +124,16 @@ def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> 
             tensors += (torch.randn(batch, pooled, generator=g).to(dtype),
                         torch.tensor([size + [0.0, 0.0] + size] * batch))
         return tensors
+    return make
 
+
+def unet_component(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> Component:
+    unet = pipe.unet
+    channels = unet.config.in_channels
+    context = unet.config.cross_attention_dim
+    pooled = pipe.text_encoder_2.config.projection_dim if xl else None
+    inputs, outputs = unet_io(numpy_dtype(dtype), channels, unet.config.out_channels, context, TEXT_LENGTH, pooled)
+    make = unet_inputs_maker(channels, context, pooled, xl, dtype, pipe.vae.config.latent_channels)
     return Component(UNET.name, UNET, UNetForExport(unet, xl), dtype, inputs, outputs,
                      make, latent_multiple, (2 * latent_multiple, 3 * latent_multiple))
 
@@ -167,13 +172,23 @@ def vae_components(vae: nn.Module, latent_multiple: int, dtype: torch.dtype) -> 
     return [decoder, encoder]
 
 
-def build_component(kind: ComponentKind, pipe, xl: bool, latent_multiple: int, dtype: torch.dtype) -> Component:
-    """The Component of registry entry ``kind`` for a loaded diffusers pipeline."""
+def build_component(kind: ComponentKind, pipe, xl: bool, latent_multiple: int, dtype: torch.dtype,
+                    name: str | None = None) -> Component:
+    """The Component of registry entry ``kind`` (named ``name``, default the kind's) for a loaded
+    diffusers pipeline; with ControlNets attached (``export.controlnet``) the UNet takes residuals."""
+    from . import controlnet
+
+    if kind.role is Role.CONTROL:
+        if (name or kind.name) not in controlnet.controlnets_of(pipe):
+            raise KeyError(f"the pipeline has no {name or kind.name}: export it with --controlnet")
+        return controlnet.controlnet_component(name or kind.name, pipe, xl, latent_multiple, dtype)
     module = getattr(pipe, kind.source_module, None)
     if module is None:
         raise KeyError(f"the pipeline has no {kind.source_module} for {kind.name}")
     if kind.role is Role.TEXT_ENCODER:
         return text_encoder_component(kind.name, module, dtype)
     if kind.role is Role.DENOISER:
+        if controlnet.controlnets_of(pipe):
+            return controlnet.unet_with_residuals_component(pipe, xl, latent_multiple, dtype)
         return unet_component(pipe, xl, latent_multiple, dtype)
     return next(c for c in vae_components(module, latent_multiple, dtype) if c.kind is kind)

@@ -35,7 +35,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
 
-from . import chunking, onnx_file
+from . import chunking, controlnet, onnx_file
 from . import lora as export_lora
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
@@ -47,8 +47,9 @@ class ExportError(RuntimeError):
     """A user-facing export failure; the message is one line."""
 
 
-def available_components(xl: bool) -> tuple[str, ...]:
-    return tuple(kind.name for kind in kinds_for(xl))
+def available_components(xl: bool, controlnets: int = 0) -> tuple[str, ...]:
+    """The components of a pipeline of this family, with ``controlnets`` ControlNets attached."""
+    return tuple(kind.name for kind in kinds_for(xl)) + controlnet.component_names(controlnets)
 
 
 def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str = "fp32", opset: int = 18,
@@ -69,11 +70,11 @@ def export_pipeline(loaded: LoadedPipeline, output: str | Path, precision: str =
     if opset not in onnx_file.SUPPORTED_OPSETS:
         raise ExportError(f"unsupported opset {opset}; choose {onnx_file.SUPPORTED_OPSETS.start}"
                           f"..{onnx_file.SUPPORTED_OPSETS.stop - 1}")
-    names = components or list(available_components(loaded.is_xl))
-    unknown = sorted(set(names) - set(available_components(loaded.is_xl)))
+    available = available_components(loaded.is_xl, len(controlnet.controlnets_of(loaded.pipeline)))
+    names = components or list(available)
+    unknown = sorted(set(names) - set(available))
     if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has "
-                          f"{', '.join(available_components(loaded.is_xl))}")
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}; this pipeline has {', '.join(available)}")
     if isinstance(tensor_limit, bool) or not isinstance(tensor_limit, int) or tensor_limit < 1:
         raise ExportError(f"--tensor-limit must be a positive number of elements, got {tensor_limit!r}")
     vae_factor = _vae_factor(loaded.pipeline)
@@ -241,7 +242,7 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
     pipe.save_config(folder)
     manifest = Manifest(
-        source=loaded.provenance(), precision=precision, opset=opset,
+        source={**loaded.provenance(), **controlnet.provenance(loaded)}, precision=precision, opset=opset,
         pipeline=replace(_pipeline_facts(pipe, loaded.is_xl, latent_multiple), max_size=max_size,
                          tensor_limit=tensor_limit, max_batch2_size=plan and plan.max_batch2_size),
         components=specs, tools=_tool_versions(), parity=parity, loras=lora_records)
@@ -280,7 +281,7 @@ def _components(pipe, xl: bool, latent_multiple: int, dtype: torch.dtype, vae_dt
     built = []
     for name in names:
         kind = component_kind(name)
-        built.append(build_component(kind, pipe, xl, latent_multiple, vae_dtype if kind.vae else dtype))
+        built.append(build_component(kind, pipe, xl, latent_multiple, vae_dtype if kind.vae else dtype, name))
     return built
 
 

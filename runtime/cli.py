@@ -61,6 +61,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float,
                    help="img2img: share of the schedule re-noised, in (0, 1] "
                         "(default: 0.8 with --init-image, 1 with --mask-image)")
+    p.add_argument("--control-image", action="append", metavar="PATH",
+                   help="ControlNet exports: the control image (edges, depth, pose ...), resized to the request's "
+                        "size like diffusers; repeat once per ControlNet (default: none, plain text to image)")
+    p.add_argument("--control-scale", type=float, action="append", metavar="SCALE",
+                   help="ControlNet conditioning scale; one value, or one per ControlNet (default: 1.0)")
+    p.add_argument("--control-start", type=float, action="append", metavar="FRACTION",
+                   help="share of the schedule before the ControlNet starts, in [0, 1) (default: 0.0)")
+    p.add_argument("--control-end", type=float, action="append", metavar="FRACTION",
+                   help="share of the schedule after which the ControlNet stops, in (0, 1] (default: 1.0)")
     p.add_argument("--latents", help=".npy file with the initial noise [B, 4, H/8, W/8] (default: drawn from "
                                      "the seed)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -155,6 +164,9 @@ def preflight(args: argparse.Namespace) -> list[Path]:
                 check_file(path)
         except LoraError as exc:
             raise CliError(f"--lora: {exc}") from None
+    from .controlnet import check_cli_arguments
+
+    check_cli_arguments(args)
     if args.scheduler is not None:
         from .schedulers import SCHEDULERS
 
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from .backends.select import BackendError
+    from .controlnet import control_kwargs
     from .lora_keys import LoraError
     from .pipeline import Pipeline
 
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                       scheduler=args.scheduler, num_images_per_prompt=args.num_images, latents=latents,
                       image=args.init_image, strength=args.strength, guidance_rescale=args.guidance_rescale,
                       cfg_mode=args.cfg_mode, tile_vae=args.tile_vae, hires=args.hires, callback=stage_progress,
-                      mask_image=args.mask_image)
+                      mask_image=args.mask_image, **control_kwargs(args))
     except (ManifestError, GenerationError, BackendError, LoraError) as exc:
         return fail(PROG, exc)
     if len(result.images) != len(paths):

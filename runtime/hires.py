@@ -173,8 +173,8 @@ def stages(hires: Hires, width: int, height: int, steps: int, native: int, multi
 
 def resolve_hires(request: GenerationRequest) -> Hires | None:
     """The chain a request asks for, or None for one pass: ``hires`` None or "off", or "auto" left
-    at its defaults on a request the chain does not make (an init image, given latents or several
-    images: the chain makes one image from text). Explicit stages on such a request are refused
+    at its defaults on a request the chain does not make (an init image, given latents, several
+    images or a ControlNet control image: the chain makes one image from text). Explicit stages on such a request are refused
     by ``plan_stages``."""
     value = request.hires
     if value is None:
@@ -187,7 +187,7 @@ def resolve_hires(request: GenerationRequest) -> Hires | None:
         return None
     prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt or [])
     single_text = (request.image is None and request.latents is None and len(prompts) == 1
-                   and request.num_images_per_prompt == 1)
+                   and request.num_images_per_prompt == 1 and request.control_image is None)
     if not single_text and value == Hires(value.mode, steps=value.steps):
         return None
     return value

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import inpaint, limits, lora, memory, model_cache, vae
+from . import controlnet, inpaint, limits, lora, memory, model_cache, vae
 from .backends.base import BoundRunner, ModelRunner, ShapeError
 from .backends.select import load_backend
 from .contract import UNET, VAE_DECODER, VAE_ENCODER, UNetIO, component_kind
@@ -73,6 +73,8 @@ class Pipeline:
         self.footprint = memory.Footprint.from_export(directory, manifest)
         self.unet_extra_channels = inpaint.unet_extra_channels(manifest)
         """0, or the mask and masked-image channels of an inpainting UNet (``runtime.inpaint``)."""
+        self.no_control = controlnet.ControlNets(self, None)
+        """Zero residuals for a ControlNet export's UNet when no control image is given."""
 
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
@@ -144,14 +146,20 @@ class Pipeline:
                  strength: float | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
                  cfg_mode: str = "batched", tile_vae: bool | int | None = None,
                  memory_limit: int | str | None = None, hires: Hires | str | None = None,
-                 callback: Callable[..., None] | None = None, mask_image: Any = None) -> PipelineOutput:
+                 callback: Callable[..., None] | None = None, mask_image: Any = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] | None = None,
+                 control_guidance_start: float | Sequence[float] | None = None,
+                 control_guidance_end: float | Sequence[float] | None = None) -> PipelineOutput:
         """Generate images; the argument names follow diffusers' pipelines (see ``GenerationRequest``).
         ``hires``: "auto" (or a ``runtime.hires.Hires``) reaches a large size through the staged
-        SDEdit chain; None or "off": one pass at the requested size, as diffusers' pipelines do."""
+        SDEdit chain; None or "off": one pass at the requested size, as diffusers' pipelines do.
+        ``control_image`` and the ``control*`` arguments: ControlNet exports (``runtime.controlnet``)."""
         request = GenerationRequest(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed, scheduler,
             num_images_per_prompt, latents, image, strength, output_type, guidance_rescale, cfg_mode, tile_vae,
-            memory_limit, hires, mask_image=mask_image)
+            memory_limit, hires, mask_image=mask_image, control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         return self.generate(request, callback)
 
     @lora.pinned
@@ -193,12 +201,15 @@ class Pipeline:
 
         t0 = time.perf_counter()
         unet_time = 0.0
+        controls = controlnet.ControlNets(self, plan.control) if plan.control else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             if inpainting is not None:
                 model_input = inpainting.unet_input(model_input)
             u0 = time.perf_counter()
-            noise_pred = self._predict_noise(model_input, t, conditioning, plan)
+            if controls:
+                plan.control.step, plan.control.steps = i, len(timesteps)
+            noise_pred = self._predict_noise(model_input, t, conditioning, plan, controls)
             unet_time += time.perf_counter() - u0
             step_noise = generator.randn(latents.shape) if sched.step_needs_noise(t) else None
             latents = sched.step(noise_pred, t, latents, noise=step_noise).astype(np.float32)
@@ -242,6 +253,8 @@ class Pipeline:
             height, width = init.shape[2:]
             if request.mask_image is not None:
                 mask = inpaint.load_mask(request.mask_image, width, height, inpaint.source_size(request.image))
+        batch = len(prompts) * numbers["images_per_prompt"]
+        control, height, width = controlnet.plan_control(request, self.manifest, height, width, batch)
         height = height or self.default_size
         width = width or self.default_size
         multiple = self.manifest.pixel_multiple
@@ -252,7 +265,8 @@ class Pipeline:
         limits.check_size(self.facts, width, height)
         plan = Plan(prompts, negative, height, width, numbers["steps"], numbers["guidance_scale"],
                     numbers["guidance_rescale"], name, numbers["images_per_prompt"], request.cfg_mode,
-                    numbers["seed"], request.output_type, request.tile_vae, strength, init, mask=mask)
+                    numbers["seed"], request.output_type, request.tile_vae, strength, init, mask=mask,
+                    control=control)
         # Above the export's batch-2 size, batched guidance would put UNet tensors above the limit.
         mode = limits.cfg_mode_for(self.facts, width, height, plan.batch, request.cfg_mode)
         plan.cfg_mode = mode if plan.cfg else request.cfg_mode
@@ -306,6 +320,8 @@ class Pipeline:
         try:
             unet_channels = lat[1] + self.unet_extra_channels
             self.runners[UNET.name].check_shapes({UNetIO.sample: (plan.unet_batch, unet_channels, *lat[2:])})
+            for name in plan.control.names if plan.control else ():
+                self.runner(name).check_shapes({UNetIO.sample: (plan.unet_batch, *lat[1:])})
             tiled = self.tiling(lat[2], lat[3], plan.tile_vae)
             dec = lat if tiled is None else (plan.batch, lat[1], min(tiled.tile, lat[2]), min(tiled.tile, lat[3]))
             decoder = self.runners[VAE_DECODER.name]
@@ -355,7 +371,7 @@ class Pipeline:
         return [self._conditioning(both, request)]
 
     def _predict_noise(self, model_input: np.ndarray, t, conditioning: list[dict[str, np.ndarray] | BoundRunner],
-                       request: Plan) -> np.ndarray:
+                       request: Plan, controls: controlnet.ControlNets | None = None) -> np.ndarray:
         """One step's noise prediction; ``conditioning`` as ``_guidance_inputs`` makes it, or bound to
         the UNet (``_bind``) so that a device backend keeps it on the device across steps."""
         unet = self.runners[UNET.name]
@@ -365,6 +381,7 @@ class Pipeline:
             batch = bound.batch(UNetIO.encoder_hidden_states)
             sample = model_input if batch == model_input.shape[0] else np.concatenate([model_input] * 2)
             inputs = {UNetIO.sample: sample, UNetIO.timestep: np.full(batch, t, dtype=np.float32)}
+            inputs.update((controls or self.no_control).unet_inputs(sample, t, bound.constants))
             out_shape = (batch, unet.spec.outputs[0].shape[1], *sample.shape[2:])
             out = bound.run(inputs, [UNetIO.out_sample], output_shapes={UNetIO.out_sample: out_shape})
             outputs.append(out[UNetIO.out_sample].astype(np.float32))

@@ -60,6 +60,13 @@ class GenerationRequest:
     None: one pass at the requested size, as diffusers' pipelines do."""
     mask_image: Any = None
     """Inpainting: white where ``image`` is regenerated (a path, PIL image or HxW array); see ``runtime.inpaint``."""
+    control_image: Any = None
+    """ControlNet exports: the control image (a path or PIL image; a list, one per ControlNet)."""
+    controlnet_conditioning_scale: float | Sequence[float] | None = None
+    """None: 1.0. Also ``control_guidance_start`` (None: 0.0) and ``control_guidance_end`` (None: 1.0):
+    the share of the schedule each ControlNet runs in (``runtime.controlnet``)."""
+    control_guidance_start: float | Sequence[float] | None = None
+    control_guidance_end: float | Sequence[float] | None = None
 
 
 @dataclass
@@ -86,6 +93,8 @@ class Plan:
     """The memory estimate the plan was admitted with (``runtime.memory.Estimate``)."""
     mask: np.ndarray | None = None
     """Inpainting: [1, 1, height, width] of 0 and 1, as diffusers' mask processor makes it."""
+    control: Any = None
+    """ControlNet arguments, checked (``runtime.controlnet.ControlPlan``)."""
 
     @property
     def batch(self) -> int:

@@ -22,6 +22,7 @@ from linfusion.runtime.contract import UNetIO, component_kind
 from linfusion.runtime.manifest import Manifest
 
 from ..components import Component, build_component
+from ..controlnet import attach_recorded, controlnets_of
 from .cases import Case, CaseError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,20 +61,23 @@ class TorchReference:
         loaded = load_pipeline(source.model, linfusion=source.linfusion, random_weights=source.random_weights,
                                dtype=DTYPES[manifest.precision], seed=source.seed, revision=source.revision,
                                vae=source.vae)
+        attach_recorded(loaded, manifest.source)  # the export's ControlNets, if it has any
         self.pipeline = loaded.pipeline
         self.components: dict[str, Component] = {}
         for name in components:
             spec = manifest.components[name]
             self.components[name] = self._component(spec.kind, DTYPES[spec.precision], loaded.is_xl,
-                                                    manifest.latent_multiple)
+                                                    manifest.latent_multiple, name)
 
-    def _component(self, name: str, dtype: torch.dtype, xl: bool, latent_multiple: int) -> Component:
-        kind = component_kind(name)
-        module = getattr(self.pipeline, kind.source_module, None)
+    def _component(self, kind_name: str, dtype: torch.dtype, xl: bool, latent_multiple: int,
+                   name: str) -> Component:
+        kind = component_kind(kind_name)
+        module = (controlnets_of(self.pipeline).get(name) if kind.attached
+                  else getattr(self.pipeline, kind.source_module, None))
         if module is None:
             raise CaseError(f"the reference model '{self.source.model}' has no {name}")
         module.to(dtype=dtype)
-        return build_component(kind, self.pipeline, xl, latent_multiple, dtype)
+        return build_component(kind, self.pipeline, xl, latent_multiple, dtype, name)
 
     def inputs(self, case: Case, seed: int, vae_factor: int) -> dict[str, np.ndarray]:
         component = self.components[case.component]

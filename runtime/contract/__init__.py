@@ -11,6 +11,7 @@ engine builder, the validator and the runtime read them.
 
 from . import ops
 from .components import (
+    CONTROLNET,
     REGISTRY,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -21,13 +22,17 @@ from .components import (
     BatchRule,
     ComponentKind,
     ComponentSpec,
+    ControlNetIO,
+    Residuals,
     Role,
     TensorSpec,
     TextEncoderIO,
     UNetIO,
     VaeDecoderIO,
     VaeEncoderIO,
+    attached_names,
     component_kind,
+    controlnet_io,
     kinds_for,
     text_encoder_io,
     text_encoder_names,
@@ -37,7 +42,7 @@ from .components import (
 )
 from .facts import PipelineFacts
 
-__all__ = ["REGISTRY", "TEXT_ENCODER", "TEXT_ENCODER_2", "UNET", "VAE_DECODER", "VAE_ENCODER", "Axis", "BatchRule",
-           "ComponentKind", "ComponentSpec", "PipelineFacts", "Role", "TensorSpec", "TextEncoderIO", "UNetIO",
-           "VaeDecoderIO", "VaeEncoderIO", "component_kind", "kinds_for", "ops", "text_encoder_io",
+__all__ = ["CONTROLNET", "REGISTRY", "TEXT_ENCODER", "TEXT_ENCODER_2", "UNET", "VAE_DECODER", "VAE_ENCODER", "Axis", "BatchRule",
+           "ComponentKind", "ComponentSpec", "ControlNetIO", "PipelineFacts", "Residuals", "Role", "TensorSpec", "TextEncoderIO", "UNetIO",
+           "VaeDecoderIO", "VaeEncoderIO", "attached_names", "component_kind", "controlnet_io", "kinds_for", "ops", "text_encoder_io",
            "text_encoder_names", "unet_io", "vae_decoder_io", "vae_encoder_io"]
