@@ -20,6 +20,7 @@ SOURCES = [p for folder in ("runtime", "export", "engines", "linfusion", "benchm
 
 @pytest.mark.parametrize("name", ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids",
                                   "out_sample", "latent_sample", "latent_parameters", "input_ids",
+                                  "controlnet_cond", "conditioning_scale", "mid_block_residual",
                                   "last_hidden_state", "penultimate_hidden_state"])
 def test_io_names_are_spelled_in_one_module(name):
     """An I/O name as a string literal appears only in the contract (plus JSON keys that happen to
@@ -29,6 +30,7 @@ def test_io_names_are_spelled_in_one_module(name):
     generic = {  # the same word with another meaning
         "sample": {"runtime/schedulers"},  # prediction_type "sample"
         "timestep": {"export/validation/cases.py"},  # a Case field in reference files
+        "controlnet_cond": {"benchmarks/controlnet_cost.py"},  # diffusers' ControlNetModel keyword
     }
     found = set()
     for path in SOURCES:
@@ -58,7 +60,10 @@ def test_registry_covers_both_families():
     assert {k.role for k in REGISTRY} == set(Role)
     assert component_kind("vae_encoder").deferred and not component_kind("unet").deferred
     with pytest.raises(KeyError, match="unknown component kind"):
-        component_kind("controlnet")
+        component_kind("no_such_kind")
+    # A ControlNet is exported only with --controlnet (not in kinds_for); numbered ones share its kind.
+    assert component_kind("controlnet_1") is component_kind("controlnet")
+    assert "controlnet" not in [k.name for k in kinds_for(True)]
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl"])
