@@ -60,6 +60,12 @@ tiny-sd, 5.1 sd15)."""
 ATTENTION_K = 2.4
 """Peak elements per (latent tokens)^2 of the VAE mid-block's softmax attention: scores and softmax
 (measured 2.07-2.4 tiny-sd)."""
+CONTROL_HEADS = {False: (8, 1), True: (10, 2)}
+"""ControlNet self-attention (softmax, as the ControlNet ships it) at its largest level: heads and
+the side divisor of that level, by SD-XL or not. SD-1.5: 8 heads at the latent size; SD-2.1 has 5
+there (bounded by 8); SD-XL: 10 heads at half the latent side. The score matrix grows with the
+square of the tokens, which is what dominates a ControlNet call at high resolution (about 15-17
+GB were seen at 768-1024 px on SD-1.5 size, ORT CPU, docs/controlnet.md)."""
 IMAGE_COPIES = 4.0
 """float32 full-size RGB images held at once after decode (output, tile accumulator, [0, 1], x255)."""
 ENCODE_IMAGE_COPIES = 2.0
@@ -79,7 +85,7 @@ the fallback width sqrt(params / this) is never below the real one for them."""
 VAE_BETA_MIN = 600.0
 """Smallest VAE decoder parameters / outer-width^2 among the presets (tiny 619; sd15/sdxl 3021)."""
 UNIT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-STAGES = ("text", "unet", "vae_decode", "vae_encode")
+STAGES = ("text", "unet", "controlnet", "vae_decode", "vae_encode")
 
 
 class MemoryGuardError(ValueError):
@@ -101,6 +107,7 @@ class Footprint:
     """diffusers' UNet block_out_channels; None for exports whose manifest lacks them."""
     vae_block_channels: tuple[int, ...] | None = None
     """diffusers' VAE block_out_channels (encoder order); None when the manifest lacks them."""
+    xl: bool = False
 
     @classmethod
     def from_export(cls, directory: str | Path, manifest: Any) -> Footprint:
@@ -124,7 +131,7 @@ class Footprint:
 
         return cls(weights, sizes, int(get("latent_channels")), int(get("vae_scale_factor")),
                    tuple(get("text_encoders", ("text_encoder",))),
-                   channels("unet_block_channels"), channels("vae_block_channels"))
+                   channels("unet_block_channels"), channels("vae_block_channels"), get("kind") == "sdxl")
 
     def unet_width(self) -> int:
         """The first UNet block's width, or a conservative stand-in from the weights size."""
@@ -163,6 +170,8 @@ class Estimate:
         tile = r.get("vae_tile")
         parts.append(f"VAE decode {gib(self.stages['vae_decode'])}"
                      + (f" in {tile}x{tile} latent tiles" if tile else " untiled"))
+        if self.stages.get("controlnet"):
+            parts.append(f"ControlNet {gib(self.stages['controlnet'])}")
         if self.stages.get("vae_encode"):
             parts.append(f"VAE encode {gib(self.stages['vae_encode'])}")
         parts.append(f"weights {gib(self.weights)}")
@@ -191,7 +200,7 @@ def vae_peak(convolutions: float, attention: float, reuse: bool) -> float:
 def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, cfg: str = "batched",
              vae_tile: int | None = None, img2img: bool = False, backend: str = "onnxruntime",
              steps: int | None = None, vae_tile_batch: int = 1, vae_overlap: int | None = None,
-             encodes: int = 1) -> Estimate:
+             encodes: int = 1, controlnets: tuple[str, ...] = ()) -> Estimate:
     """Peak memory of one generation. ``cfg``: none, batched (UNet batch 2 x batch) or sequential;
     ``vae_tile``: the latent tile side when the VAE runs tiled, else None; ``backend``: onnxruntime
     (host RSS of the whole process) or tensorrt (device memory). ``steps``: UNet steps run; None
@@ -199,7 +208,9 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     tiles per VAE call; ``vae_overlap``: their overlap in latent pixels (default: a quarter tile, at
     most ``runtime.vae.DEFAULT_OVERLAP``), laid out as ``runtime.vae.Tiling.spans`` lays them.
     ``encodes``: VAE encoder calls at the same size (inpainting may encode the init and the masked
-    image; see ``runtime.inpaint``)."""
+    image; see ``runtime.inpaint``). ``controlnets``: the ControlNet components the request runs
+    (``runtime.controlnet``): each keeps its own arena at its peak, convolutions as the UNet's plus
+    the softmax attention of its largest level (``CONTROL_HEADS``)."""
     if cfg not in ("none", "batched", "sequential"):
         raise ValueError(f"cfg must be none, batched or sequential, got {cfg!r}")
     if min(height, width, batch) < 1 or (vae_tile is not None and vae_tile < 1):
@@ -217,6 +228,13 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     calls = (math.inf if steps is None else steps) * (2 if cfg == "sequential" else 1)
     stages["unet"] = int((1 if trt else repeats(calls)) * UNET_K * unet_batch * f.unet_width() * lat_h * lat_w
                          * unit["unet"])
+
+    if controlnets:
+        heads, divisor = CONTROL_HEADS[f.xl]
+        tokens = (lat_h // divisor) * (lat_w // divisor)
+        per_net = (UNET_K * unet_batch * f.unet_width() * lat_h * lat_w
+                   + ATTENTION_K * unet_batch * heads * float(tokens) ** 2)
+        stages["controlnet"] = int(len(controlnets) * (1 if trt else repeats(calls)) * per_net * unit["unet"])
 
     outer, inner = f.vae_widths()
     tile_h, tile_w, tiles = lat_h, lat_w, 1
@@ -241,7 +259,7 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
         stages["vae_encode"] = int(again_encode * unit["vae_encoder"] * encode
                                    + (0 if trt else ENCODE_IMAGE_COPIES * 3 * height * width * 4))
 
-    loaded = [*f.text_encoders, "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
+    loaded = [*f.text_encoders, "unet", "vae_decoder", *controlnets] + (["vae_encoder"] if img2img else [])
     disk = sum(f.weights.get(name, 0) for name in loaded)
     if trt:
         weights, activations, base = disk, max(stages.values()), 0

@@ -313,7 +313,8 @@ class Pipeline:
                                cfg=cfg_mode if plan.cfg else "none", vae_tile=tiling.tile if tiling else None,
                                img2img=plan.init_image is not None, backend=self.backend, steps=plan.steps,
                                vae_tile_batch=tiling.batch if tiling else 1,
-                               vae_overlap=tiling.overlap if tiling else None, encodes=encodes)
+                               vae_overlap=tiling.overlap if tiling else None, encodes=encodes,
+                               controlnets=tuple(plan.control.names) if plan.control else ())
 
     def _check_engine_shapes(self, plan: Plan) -> None:
         lat = self._latent_shape(plan)

@@ -201,3 +201,19 @@ def test_the_guard_imports_without_torch_or_a_model_library():
     """, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("xl, heads, side_divisor", [(False, 8, 1), (True, 10, 2)])
+def test_a_controlnet_adds_its_softmax_attention_and_weights(xl, heads, side_divisor):
+    """ControlNets keep softmax attention: at 1024 px the score matrices alone (scores and their
+    softmax, float32, batched guidance) dwarf the LinFusion UNet; the guard must see them."""
+    weights = {"text_encoder": 10**8, "unet": 10**9, "vae_decoder": 10**8, "controlnet": 4 * 10**8}
+    footprint = Footprint(weights, {}, 4, 8, ("text_encoder",), (320, 640, 1280, 1280), (128, 256, 512, 512), xl)
+    plain = estimate(footprint, height=1024, width=1024, steps=20)
+    control = estimate(footprint, height=1024, width=1024, steps=20, controlnets=("controlnet",))
+    tokens = (1024 // 8 // side_divisor) ** 2
+    scores = 2 * heads * tokens**2 * 4  # UNet batch 2 (batched CFG), float32
+    assert control.total - plain.total >= 2 * scores + 1.1 * weights["controlnet"]
+    assert control.stages["controlnet"] >= 2 * scores and "ControlNet" in control.describe()
+    two = estimate(footprint, height=1024, width=1024, steps=20, controlnets=("controlnet", "controlnet_1"))
+    assert two.stages["controlnet"] == pytest.approx(2 * control.stages["controlnet"], abs=2)  # an arena each
