@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
                                  "one without force_upcast is exported in fp16 (default: the model's own)")
     p.add_argument("--controlnet", action="append", metavar="MODEL",
                    help="ControlNet to export beside the UNet (local diffusers folder or hub id; repeat for "
-                        "several; 'random': seeded random weights from the UNet, for tests and offline use)")
+                        "several; 'random': seeded random weights from the UNet, for tests and offline use; default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     p.add_argument("--revision", help="hub revision of the base model (default: the latest)")
     p.add_argument("--output", required=True, help="export directory to create")
@@ -54,9 +54,9 @@ def parser() -> argparse.ArgumentParser:
                         "2^31 - 1, TensorRT's limit)")
     p.add_argument("--skip-parity", action="store_true",
                    help="skip the PyTorch parity check (huge models on small machines); recorded as skipped")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya) into the weights through diffusers' "
-                        "load_lora_weights + fuse_lora; repeatable, applied in order (default scale 1.0)")
+                        "load_lora_weights + fuse_lora; repeatable, applied in order (default: none; scale 1.0)")
     p.add_argument("--offline", action="store_true", help="use only the local hub cache")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--verbose", action="store_true", help="show library warnings and exporter logs")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from linfusion.runtime.lora_keys import LoraError, check_file, parse_lora_arg
 
     try:  # the files themselves (pickles, damaged files, key formats, alphas, ranks) before the model loads
-        loras = [parse_lora_arg(text) for text in args.lora]
+        loras = [parse_lora_arg(text) for text in args.lora or ()]
         for path, _ in loras:
             check_file(path)
     except LoraError as exc:

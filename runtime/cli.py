@@ -80,9 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         "side, on sizes tiles from a memory budget, PIXELS is the tile edge (e.g. 1024)")
     hires.add_cli_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its own choice)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="add a LoRA (.safetensors, diffusers/PEFT or kohya) to the weights at load time, no "
-                        "re-export; repeatable, summed in order (default scale 1.0)")
+                        "re-export; repeatable, summed in order (default: none; scale 1.0)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export files")
     p.add_argument("--memory-limit", metavar="SIZE",
                    help="memory the generation may use in all, e.g. 12G or 800M (default: what is available "

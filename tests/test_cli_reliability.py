@@ -128,6 +128,7 @@ def test_generate_checks_the_scheduler_and_tensorrt_before_loading(tmp_path, no_
 
 class _FakePipe:
     backend = "onnxruntime"
+    loras = ()
 
     def __init__(self, calls, scheduler=None, image=None):
         self.calls, self.scheduler, self.image = calls, scheduler, image
