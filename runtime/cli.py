@@ -179,13 +179,18 @@ def check_size_and_stages(args: argparse.Namespace) -> None:
     """The export's size limit and the hires stages, from its manifest alone (no model loads)."""
     from .limits import check_size
     from .manifest import load_manifest
+    from .request import GenerationRequest
 
     facts = load_manifest(args.directory, verify=False, files=False).pipeline  # the files: at load
     width, height = args.width or facts.default_size, args.height or facts.default_size
     check_size(facts, width, height)
-    single_text = args.init_image is None and args.latents is None and args.num_images == 1
-    if args.hires.mode == "auto" and (single_text or args.hires != hires.Hires(steps=args.hires.steps)):
-        hires.stages(args.hires, width, height, args.steps, facts.default_size, facts.pixel_multiple)
+    # The same rule as the pipeline's: the chain or one pass (the latents file is not read yet).
+    request = GenerationRequest(args.prompt, image=args.init_image, num_images_per_prompt=args.num_images,
+                                latents=args.latents, control_image=getattr(args, "control_image", None),
+                                hires=args.hires)
+    chain = hires.resolve_hires(request)
+    if chain is not None:
+        hires.stages(chain, width, height, args.steps, facts.default_size, facts.pixel_multiple)
 
 
 def main(argv: list[str] | None = None) -> int:
