@@ -19,19 +19,19 @@ STARTED = time.time()
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 # ONNX Runtime's session settings before issue 12 (engine "runtime-before").
-BEFORE = {"enable_mem_pattern": True, "enable_cpu_mem_arena": True, "config": {}}
+BEFORE = {"enable_mem_pattern": True, "enable_cpu_mem_arena": True, "shared_arena": False, "config": {}}
 
 
-def rss_mib() -> float:
-    """Current resident set size (VmRSS), MiB."""
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident set size now (VmRSS) or at its peak (VmHWM), MiB. The peak is this process's own:
+    ru_maxrss would carry over the peak of the process that forked it (Linux keeps it across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -91,7 +91,7 @@ def main() -> int:
     p.add_argument("--cache", default="default", help="runtime: ORT model cache directory, 'default' or 'off'")
     args = p.parse_args()
     stamps = run_diffusers(args) if args.engine == "diffusers" else run_runtime(args)
-    stamps.update(started=STARTED, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    stamps.update(started=STARTED, peak_rss_mib=rss_mib("VmHWM"),
                   torch_imported="torch" in sys.modules)
     print(json.dumps(stamps))
     return 0

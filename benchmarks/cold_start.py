@@ -56,7 +56,7 @@ def phases(r: dict[str, Any]) -> dict[str, float]:
 # The server as before issue 12: ORT's default memory pattern and arena (with --cache-dir off).
 BEFORE_SERVER = ("from linfusion.runtime.backends import onnxruntime as o; import runpy, sys; "
                  "o.SESSION_DEFAULTS = {**o.SESSION_DEFAULTS, 'enable_mem_pattern': True, "
-                 "'enable_cpu_mem_arena': True, 'config': {}}; o.COMPONENT_SETTINGS = {}; "
+                 "'enable_cpu_mem_arena': True, 'shared_arena': False, 'config': {}}; o.COMPONENT_SETTINGS = {}; "
                  "sys.argv[0] = 'linfusion-serve'; "
                  "runpy.run_module('linfusion.serve.cli', run_name='__main__')")
 

@@ -4,7 +4,7 @@
     python benchmarks/memory.py             # sd15-small, 512 to 2048 px, 2 steps
 
 Each point is a fresh ``benchmarks/child.py`` process (one image, CFG 7.5, Euler) whose peak RSS
-(ru_maxrss) is read at the end; RSS after loading is recorded too. The PyTorch side is diffusers
+(VmHWM) is read at the end; RSS after loading is recorded too. The PyTorch side is diffusers
 with LinFusion mounted, tiling through ``vae.enable_tiling()``; the runtime's through
 ``tile_vae``. Both tile at 64 latent pixels with a quarter overlap.
 """

@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> int:
             return out
         runner.run = run
 
-    for name in pipe.manifest.pipeline["text_encoders"]:
+    for name in pipe.manifest.pipeline.text_encoders:
         wrap(pipe.runners[name], "text")
     wrap(pipe.runners["unet"], "unet")
     wrap(pipe.runners["vae_decoder"], "vae_decode")
@@ -103,6 +103,8 @@ def child(args: argparse.Namespace) -> int:
     latent = args.side // pipe.vae_factor
     tiling = pipe.tiling(latent, latent, tile)
     print(json.dumps({"marks_mib": marks, "vae_tile": tiling.tile if tiling else None,
+                      "vae_tile_batch": tiling.batch if tiling else 1, "vae_overlap": tiling.overlap if tiling else None,
+                      "shared_arena": pipe.footprint.shared_arena,
                       "images": len(out.images), "timings": out.timings}))
     return 0
 
@@ -156,7 +158,7 @@ def estimate_row(row: dict, channels: bool = True):
         stored.update(unet_block_channels=None, vae_block_channels=None)
     return estimate(Footprint(**stored), height=row["side"], width=row["side"], batch=row["batch"],
                     cfg=row["cfg"], vae_tile=row["vae_tile"], img2img=row["img2img"], backend="onnxruntime",
-                    steps=row["steps"])
+                    steps=row["steps"], vae_tile_batch=row.get("vae_tile_batch", 1), vae_overlap=row.get("vae_overlap"))
 
 
 def add_estimate(row: dict) -> dict:
@@ -202,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         if "ru_maxrss_mib" not in row:  # rows measured before the VmHWM peak
             with_peak(row, row["peak_rss_mib"])
         if row["model"] in exports:
-            row["footprint"] = footprint_of(Path(exports[row["model"]]))
+            row["footprint"] = {**footprint_of(Path(exports[row["model"]])),
+                                "shared_arena": row["footprint"].get("shared_arena", False)}
         add_estimate(row)
     for case in map(parse_case, args.cases.split(",") if args.cases else []):
         directory = Path(exports[case["model"]])
         result = measure(directory, case, args.steps, args.threads)
+        footprint = {**footprint_of(directory), "shared_arena": result.get("shared_arena", False)}
         row = add_estimate({**case, **result, "steps": args.steps, "threads": args.threads,
                             "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "footprint": footprint_of(directory)})
+                            "footprint": footprint})
         rows.append(row)
         print(f"{case}: peak {row['peak_rss_mib']:.0f} MiB, estimate {row['estimate_mib']:.0f} MiB "
               f"({row['ratio']:.2f}x); marks {json.dumps({k: round(v) for k, v in row['marks_mib'].items()})}",

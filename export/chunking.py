@@ -122,7 +122,7 @@ class _Recorder(TorchDispatchMode):
         return result
 
 
-def _display_names(root: nn.Module) -> dict[nn.Module, str]:
+def display_names(root: nn.Module) -> dict[nn.Module, str]:
     """Module -> path, without the wrapper's own attribute (``unet.``, ``vae.``, ``encoder.``)."""
     children = list(root.named_children())
     prefix = children[0][0] if len(children) == 1 else None
@@ -137,7 +137,7 @@ def _display_names(root: nn.Module) -> dict[nn.Module, str]:
 @contextlib.contextmanager
 def _module_scopes(root: nn.Module, out: Measurement) -> Iterator[list[str]]:
     stack = [""]
-    names = _display_names(root)
+    names = display_names(root)
     handles = []
 
     def enter(module, args):
@@ -195,7 +195,7 @@ def chunkable(root: nn.Module) -> list[str]:
     """The feed-forward and cross-attention of every transformer block (display names)."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    names = _display_names(root)
+    names = display_names(root)
     found = []
     for module in root.modules():
         if isinstance(module, BasicTransformerBlock):
@@ -224,7 +224,7 @@ def _token_windows(forward: Callable, chunks: int) -> Callable:
 def applied(root: nn.Module, chunks: dict[str, int]) -> Iterator[int]:
     """Within the block the named modules (display names) run on ``k`` token windows; yields the
     number of modules patched. Modules with ``k == 1`` are left alone."""
-    by_name = {name: module for module, name in _display_names(root).items()}
+    by_name = {name: module for module, name in display_names(root).items()}
     patched = [(by_name[name], k) for name, k in chunks.items() if k > 1]
     for module, k in patched:
         module.forward = _token_windows(type(module).forward.__get__(module), k)

@@ -35,7 +35,7 @@ from linfusion.runtime.signals import normal_permissions, terminations_interrupt
 
 from linfusion.loader import LoadedPipeline
 
-from . import chunking, controlnet, onnx_file
+from . import attention_windows, chunking, controlnet, onnx_file
 from . import lora as export_lora
 from .components import TEXT_LENGTH, Component, build_component
 from .parity import check_parity
@@ -202,7 +202,9 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
     specs: dict[str, ComponentSpec] = {}
     parity: dict[str, Any] = {}
     built = _components(pipe, loaded.is_xl, latent_multiple, dtype, vae_dtype, names)
-    plan, largest = _size_limits(built, max_size, tensor_limit, _vae_factor(pipe), latent_multiple, progress)
+    windows = {component.name: attention_windows.plan(component) for component in built}
+    plan, largest = _size_limits(built, windows, max_size, tensor_limit, _vae_factor(pipe), latent_multiple,
+                                 progress)
     for index, component in enumerate(built):
         label = f"[{index + 1}/{len(names)}] {component.name}"
         start = time.perf_counter()
@@ -210,7 +212,8 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
         chunks, traced = {}, component
         if plan is not None and component.kind.name == "unet":
             chunks, traced = plan.chunks, replace(component, trace_size=plan.trace_size)
-        with chunking.applied(component.module, chunks):
+        with (chunking.applied(component.module, chunks),
+              attention_windows.applied(component.module, windows[component.name])):
             model, routed = onnx_file.trace(traced, opset)
         nodes = onnx_file.finish(model, opset)
         if nodes != routed:
@@ -236,7 +239,8 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
         specs[component.name] = ComponentSpec(
             component.kind.name, f"{component.name}/model.onnx", precision_name, component.inputs,
             component.outputs, external and f"{component.name}/{external}", nodes,
-            largest[component.name].largest_tensor(), lora_map=lora_map and f"{component.name}/{lora_map}")
+            largest[component.name].largest_tensor(), lora_map=lora_map and f"{component.name}/{lora_map}",
+            attention_windows=attention_windows.largest_level(windows[component.name]))
 
     _save_tokenizers(pipe, loaded.is_xl, folder)
     _save_scheduler_config(pipe.scheduler, folder / "scheduler")
@@ -251,11 +255,11 @@ def _export_into(loaded: LoadedPipeline, folder: Path, precision: str, opset: in
     return manifest
 
 
-def _size_limits(components: list[Component], max_size: tuple[int, int], limit: int, vae_factor: int,
-                 latent_multiple: int, progress: Callable[[str], None]
+def _size_limits(components: list[Component], windows: dict[str, dict[str, int]], max_size: tuple[int, int],
+                 limit: int, vae_factor: int, latent_multiple: int, progress: Callable[[str], None]
                  ) -> tuple[chunking.ChunkPlan | None, dict[str, chunking.TensorRecord]]:
     """Before any tracing: the UNet's token chunks (or the refusal) and each component's largest
-    tensor at ``max_size``, from shape-only runs."""
+    tensor at ``max_size`` (its attention windows applied), from shape-only runs."""
     start = time.perf_counter()
     plan, largest = None, {}
     try:
@@ -264,7 +268,8 @@ def _size_limits(components: list[Component], max_size: tuple[int, int], limit: 
                 plan = chunking.plan_unet(component, max_size, limit, vae_factor, latent_multiple * vae_factor)
                 largest[component.name] = plan.largest
             else:
-                largest[component.name] = chunking.largest_tensor(component, max_size, vae_factor)
+                with attention_windows.applied(component.module, windows[component.name]):
+                    largest[component.name] = chunking.largest_tensor(component, max_size, vae_factor)
     except chunking.TensorLimitError as exc:
         raise ExportError(str(exc)) from exc
     if plan is not None:

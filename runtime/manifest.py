@@ -22,8 +22,8 @@ from .contract import ComponentSpec, PipelineFacts, TensorSpec, ops
 
 MANIFEST_NAME = "linfusion.json"
 FORMAT_NAME = "linfusion-export"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 DIGEST_KEY = "manifest_sha256"
 # Kept for callers of format 1's names.
 LINEAR_ATTENTION_DOMAIN = ops.DOMAIN

@@ -9,16 +9,20 @@ requests that cannot fit.
 The model (constants fitted to measured peak RSS; formula, table and error in docs/memory.md):
 
 * ONNX Runtime (host RSS): ``BASE`` + ``WEIGHT_FACTOR`` x the loaded components' weights on disk,
-  plus every stage's activations *added up*: each ORT session keeps its CPU arena at its high-water
-  mark after a run, so the text encoder's, UNet's and VAE's arenas are all resident at the end.
+  plus the activations. With the runtime's default one CPU arena for all sessions
+  (``Footprint.shared_arena``) the stages reuse it one after another: the largest stage counts (the
+  UNet's and its ControlNets' together). With an arena per session (LINFUSION_ORT_ARENA=session or
+  off) every stage's activations *add up*: each session keeps its arena at its high-water mark after
+  a run, so the text encoder's, UNet's and VAE's arenas are all resident at the end.
   From the second call with the same shapes on (2+ steps, sequential CFG, 2+ VAE tiles) a session
   also holds its memory-pattern block: ``PATTERN_REPEAT`` x its first call's peak (1.0 now that the
   runtime turns the memory pattern off).
 * UNet per call: ``UNET_K`` elements per (UNet batch x first block width x latent pixel), the UNet
   batch being 2 x batch with batched CFG; linear in pixels (LinFusion's attention is linear).
 * VAE decode per call: ``VAE_K`` elements per (batch x width entering the last decoder block x
-  decoded pixel) for the full-resolution convolutions, and ``ATTENTION_K`` x tokens^2 for the
-  mid-block's softmax attention over the decoded (tile) area, plus ``IMAGE_COPIES`` float32
+  decoded pixel) for the full-resolution convolutions, and ``ATTENTION_K`` x tokens^2 / windows for
+  the mid-block's softmax attention over the decoded (tile) area (format-4 exports run it in query
+  windows, ``ComponentSpec.attention_windows``), plus ``IMAGE_COPIES`` float32
   full-size images held by numpy. The VAE encoder (img2img) likewise, with the outer width.
 * Activations count 4 bytes per element on ONNX Runtime whatever the export's precision, times
   ``CAST_OVERHEAD`` for fp16 components (its CPU kernels compute fp16 graphs through fp32 casts);
@@ -108,6 +112,11 @@ class Footprint:
     vae_block_channels: tuple[int, ...] | None = None
     """diffusers' VAE block_out_channels (encoder order); None when the manifest lacks them."""
     xl: bool = False
+    attention_windows: dict[str, int] = field(default_factory=dict)
+    """Query windows of each component's softmax self-attention (manifest format 4); absent: whole."""
+    shared_arena: bool = False
+    """ONNX Runtime sessions share one CPU arena (the runtime's default): the stages' activations
+    reuse one another's memory instead of each session keeping its own high-water mark."""
 
     @classmethod
     def from_export(cls, directory: str | Path, manifest: Any) -> Footprint:
@@ -129,9 +138,16 @@ class Footprint:
             value = get(key)
             return tuple(int(c) for c in value) if value else None
 
+        windows = {name: spec.attention_windows for name, spec in manifest.components.items()
+                   if getattr(spec, "attention_windows", None)}
         return cls(weights, sizes, int(get("latent_channels")), int(get("vae_scale_factor")),
                    tuple(get("text_encoders", ("text_encoder",))),
-                   channels("unet_block_channels"), channels("vae_block_channels"), get("kind") == "sdxl")
+                   channels("unet_block_channels"), channels("vae_block_channels"), get("kind") == "sdxl",
+                   windows)
+
+    def windows(self, name: str) -> int:
+        """Query windows of ``name``'s softmax attention (1: the whole score matrix at once)."""
+        return max(1, self.attention_windows.get(name, 1))
 
     def unet_width(self) -> int:
         """The first UNet block's width, or a conservative stand-in from the weights size."""
@@ -232,9 +248,9 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     if controlnets:
         heads, divisor = CONTROL_HEADS[f.xl]
         tokens = (lat_h // divisor) * (lat_w // divisor)
-        per_net = (UNET_K * unet_batch * f.unet_width() * lat_h * lat_w
-                   + ATTENTION_K * unet_batch * heads * float(tokens) ** 2)
-        stages["controlnet"] = int(len(controlnets) * (1 if trt else repeats(calls)) * per_net * unit["unet"])
+        stages["controlnet"] = int((1 if trt else repeats(calls)) * unit["unet"] * sum(
+            UNET_K * unet_batch * f.unet_width() * lat_h * lat_w
+            + ATTENTION_K * unet_batch * heads * float(tokens) ** 2 / f.windows(name) for name in controlnets))
 
     outer, inner = f.vae_widths()
     tile_h, tile_w, tiles = lat_h, lat_w, 1
@@ -248,13 +264,15 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     per_call = max(1, min(vae_tile_batch, tiles))  # tiles decoded together in one VAE call
     tile_px = tile_h * tile_w * f.vae_factor**2
     tokens2 = float(tile_h * tile_w) ** 2
-    attention = ATTENTION_K * tokens2
+    attention = ATTENTION_K * tokens2 / f.windows("vae_decoder")
     images = 0 if trt else IMAGE_COPIES * batch * 3 * height * width * 4  # host arrays, not device memory
     again = 1 if trt else repeats(math.ceil(tiles / per_call))
-    decode = per_call * vae_peak(VAE_K * inner * tile_px, attention, 2 * inner * tile_px <= tokens2)
+    decode = per_call * vae_peak(VAE_K * inner * tile_px, attention, 2 * inner * tile_px <= attention / ATTENTION_K)
     stages["vae_decode"] = int(again * batch * unit["vae_decoder"] * decode + images)
     if img2img:  # the init image is encoded once, then repeated to the batch
-        encode = per_call * vae_peak(VAE_ENCODER_K * outer * tile_px, attention, 2 * outer * tile_px <= tokens2)
+        attention = ATTENTION_K * tokens2 / f.windows("vae_encoder")
+        encode = per_call * vae_peak(VAE_ENCODER_K * outer * tile_px, attention,
+                                     2 * outer * tile_px <= attention / ATTENTION_K)
         again_encode = 1 if trt else repeats(math.ceil(tiles / per_call) * max(encodes, 1))
         stages["vae_encode"] = int(again_encode * unit["vae_encoder"] * encode
                                    + (0 if trt else ENCODE_IMAGE_COPIES * 3 * height * width * 4))
@@ -263,6 +281,10 @@ def estimate(footprint: Footprint, *, height: int, width: int, batch: int = 1, c
     disk = sum(f.weights.get(name, 0) for name in loaded)
     if trt:
         weights, activations, base = disk, max(stages.values()), 0
+    elif f.shared_arena:  # one arena: the stages run one after another and reuse it (ControlNet with the UNet)
+        weights, base = int(WEIGHT_FACTOR * disk), BASE
+        activations = max(stages["text"], stages["unet"] + stages["controlnet"], stages["vae_decode"],
+                          stages["vae_encode"])
     else:
         weights, activations, base = int(WEIGHT_FACTOR * disk), sum(stages.values()), BASE
     request = {"height": height, "width": width, "batch": batch, "cfg": cfg, "unet_batch": unet_batch,

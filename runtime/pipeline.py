@@ -80,7 +80,8 @@ class Pipeline:
     def from_export(cls, directory: str | Path, backend: str = "auto", providers: list[str] | None = None,
                     verify: bool = True, intra_op_threads: int = 0, provider_options: dict | None = None,
                     io_binding: bool = True, memory_limit: int | str | None = None,
-                    cache_dir: str | Path | bool | None = None, loras: list | None = None) -> Pipeline:
+                    cache_dir: str | Path | bool | None = None, loras: list | None = None,
+                    session_options: dict | None = None) -> Pipeline:
         """Load every component once. ``backend``: auto (TensorRT engines when present and
         importable, else ONNX Runtime with the best provider), onnxruntime, or tensorrt.
         ONNX Runtime: ``provider_options`` per provider name (e.g. ``{"CUDAExecutionProvider":
@@ -90,7 +91,8 @@ class Pipeline:
         ``cache_dir``: where ONNX Runtime's optimised models are cached (``runtime.model_cache``;
         default ``$LINFUSION_CACHE`` or ``~/.cache/linfusion/ort``; False turns it off).
         ``loras``: ``[(path, scale), ...]`` or ``"PATH[:SCALE]"`` strings, added to the weights
-        (``set_loras``)."""
+        (``set_loras``). ``session_options``: ONNX Runtime session settings over the runtime's
+        (``backends.onnxruntime.SESSION_DEFAULTS``; e.g. ``{"shared_arena": False}``)."""
         import json
 
         directory = Path(directory)
@@ -102,7 +104,8 @@ class Pipeline:
                                 f"to generate images")
         update = lora.prepare(directory, manifest, loras) if loras else None  # checked before any model loads
         chosen = load_backend(backend, directory, providers=providers, intra_op_threads=intra_op_threads,
-                              provider_options=provider_options, io_binding=io_binding)
+                              provider_options=provider_options, io_binding=io_binding,
+                              session_options=session_options)
         cache = model_cache.attach(chosen, directory, manifest, cache_dir, verify)
         specs = manifest.components
         runners = {name: chosen.load(directory, name, spec) for name, spec in specs.items()
@@ -118,6 +121,8 @@ class Pipeline:
                                 f"re-export the model") from exc
         pipe = cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
         pipe.cache = cache
+        if getattr(chosen, "shares_cpu_arena", lambda: False)():
+            pipe.footprint = replace(pipe.footprint, shared_arena=True)
         if update is not None:
             lora.install(pipe, update)
         return pipe

@@ -130,6 +130,10 @@ def test_set_loras_while_a_request_runs(exported, loras):
     assert applied[0]["applied"] == {"text_encoder": 9, "unet": 70}
     assert psnr(result["image"], base) >= 60  # in flight: the old weights all the way
     assert psnr(after, with_lora) >= 60
+    # the rebuilt sessions keep the runtime's session settings (one shared CPU arena, no prepacking)
+    options = pipe.runners["unet"].session.get_session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
     pipe.set_loras([])
     assert psnr(pipe(PROMPT, latents=latents, **ARGS).images, base) >= 60 and pipe.loras == []
 

@@ -3,8 +3,7 @@ against a measured peak RSS of a real generation."""
 
 import json
 import os
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from linfusion.runtime.memory import (
     parse_memory,
 )
 from linfusion.runtime.vae import choose_tiling
+from peak_rss import peak_rss_of_cli
 
 GIB = 2**30
 
@@ -118,15 +118,9 @@ def test_cgroup_limits_v2_and_v1(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """tiny-sd exported once for this module (parity is tests/test_export.py's business)."""
-    from linfusion.export.exporter import export_pipeline
-
-    from linfusion import load_pipeline
-
-    out = tmp_path_factory.mktemp("memory-guard") / "tiny-sd"
-    export_pipeline(load_pipeline("tiny-sd"), out, "fp32", skip_parity=True, progress=lambda line: None)
-    return out
+def tiny_export(exported):
+    """tiny-sd exported once per test session."""
+    return exported("tiny-sd")
 
 
 @pytest.mark.slow
@@ -142,34 +136,15 @@ def test_footprint_reads_the_export(tiny_export):
     assert footprint.unet_block_channels in (None, (32, 64, 64))
 
 
-# The CLI under a wrapper that writes the process's VmHWM at exit: ru_maxrss from wait4 would not do,
-# since Linux carries the forking process's peak (this pytest process, with torch) over exec.
-PEAK_WRAPPER = """
-import atexit, runpy, sys
-record = sys.argv.pop(1)
-def peak():
-    with open(record, "w") as out:
-        out.write(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
-atexit.register(peak)
-runpy.run_module("linfusion.runtime.cli", run_name="__main__", alter_sys=True)
-"""
-
-
-def peak_rss_of_cli(args: list[str], record: Path) -> int:
-    """Run linfusion-generate in a fresh process; its peak resident set size in bytes."""
-    result = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, str(record), *args], capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return int(record.read_text()) * 1024
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("side, steps, cfg, tile", [(512, 2, "batched", 16), (256, 1, "sequential", None)])
 def test_estimate_bounds_a_measured_generation(tiny_export, tmp_path, side, steps, cfg, tile):
     """A whole tiny-sd generation by the CLI in a fresh process: measured <= estimate <= 1.5 x measured."""
+    from linfusion.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from linfusion.runtime.manifest import load_manifest
 
     footprint = Footprint.from_export(tiny_export, load_manifest(tiny_export))
+    footprint = replace(footprint, shared_arena=OnnxRuntimeBackend().shares_cpu_arena())  # as the CLI runs
     if footprint.unet_block_channels is None:  # manifests before the widths: take them from the preset
         configs = Path(__file__).resolve().parents[1] / "linfusion" / "configs" / "tiny-sd"
         widths = {key: tuple(json.loads((configs / folder / "config.json").read_text())["block_out_channels"])

@@ -15,7 +15,8 @@ class BackendError(RuntimeError):
 
 
 def load_backend(name: str, export_dir: Path, providers: list[str] | None = None,
-                 intra_op_threads: int = 0, provider_options: dict | None = None, io_binding: bool = True) -> Backend:
+                 intra_op_threads: int = 0, provider_options: dict | None = None, io_binding: bool = True,
+                 session_options: dict | None = None) -> Backend:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
     if name in ("auto", "tensorrt"):
@@ -31,4 +32,5 @@ def load_backend(name: str, export_dir: Path, providers: list[str] | None = None
             raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
                                f"`linfusion-build {export_dir}` on a machine with TensorRT")
     return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads,
-                              provider_options=provider_options, io_binding=io_binding)
+                              provider_options=provider_options, io_binding=io_binding,
+                              session_options=session_options)

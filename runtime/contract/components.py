@@ -63,6 +63,10 @@ class ComponentSpec:
     the tensor limit; the VAE is tiled by the runtime, so its entry says what an untiled run would need."""
     lora_map: str | None = None
     """The LoRA initializer map (parameter name -> ONNX initializer), relative to the export directory."""
+    attention_windows: int | None = None
+    """Query windows of the softmax self-attention at its largest level (VAE mid-block, ControlNet):
+    its score tensors are tokens^2 / windows. None: no such attention, or an export older than format 4
+    (whose score matrix is whole)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
