@@ -68,6 +68,12 @@ class ServeConfig:
             raise ConfigError("--batch-wait-ms and --drain-timeout must not be negative")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("the API key is empty; put a non-empty key in --api-key-file or LINFUSION_API_KEY")
+        from linfusion.runtime.backends.onnxruntime import arena_environment
+
+        try:
+            arena_environment()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
 

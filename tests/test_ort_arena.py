@@ -41,3 +41,16 @@ def test_a_shared_arena_lowers_the_peak(exported, tmp_path):
     shared = peak_rss_of_cli(args, tmp_path / "shared", {backend.ARENA_ENV: "shared"})
     own = peak_rss_of_cli(args, tmp_path / "own", {backend.ARENA_ENV: "session"})
     assert shared < 0.9 * own, (shared / 2**20, own / 2**20)
+
+
+def test_both_clis_refuse_a_bad_arena_value_in_one_line(exported, monkeypatch, capsys, tmp_path):
+    from linfusion.runtime.cli import main as generate
+    from linfusion.serve.cli import main as serve
+
+    monkeypatch.setenv(backend.ARENA_ENV, "bogus")
+    expected = "LINFUSION_ORT_ARENA='bogus': use shared (the default), session or off"
+    assert generate([str(exported("tiny-sd")), "--prompt", "x", "--output", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"linfusion-generate: error: {expected}"
+    assert not (tmp_path / "o.png").exists()
+    assert serve([str(exported("tiny-sd"))]) == 2
+    assert capsys.readouterr().err.strip() == f"linfusion-serve: error: {expected}"

@@ -187,11 +187,7 @@ class OnnxRuntimeBackend(Backend):
 
     def settings(self, kind: str) -> dict[str, Any]:
         """The session settings of a component of this kind."""
-        arena = os.environ.get(ARENA_ENV, "").strip().lower()
-        if arena and arena not in ARENA_CHOICES:
-            raise ValueError(f"{ARENA_ENV}={arena!r}: use shared (the default), session or off")
-        environment = dict(zip(("enable_cpu_mem_arena", "shared_arena"), ARENA_CHOICES[arena])) if arena else {}
-        return {**SESSION_DEFAULTS, **COMPONENT_SETTINGS.get(kind, {}), **environment, **self.session_options}
+        return {**SESSION_DEFAULTS, **COMPONENT_SETTINGS.get(kind, {}), **arena_environment(), **self.session_options}
 
     def shares_cpu_arena(self) -> bool:
         """Whether the sessions share one CPU arena (what the memory guard assumes of their peaks)."""
@@ -270,6 +266,15 @@ class OnnxRuntimeBackend(Backend):
             return None
         cache.commit(component, staged, key)
         return session
+
+
+def arena_environment() -> dict[str, bool]:
+    """The arena settings LINFUSION_ORT_ARENA asks for ({} when unset); ValueError (one line) for
+    a value it does not know."""
+    arena = os.environ.get(ARENA_ENV, "").strip().lower()
+    if arena and arena not in ARENA_CHOICES:
+        raise ValueError(f"{ARENA_ENV}={arena!r}: use shared (the default), session or off")
+    return dict(zip(("enable_cpu_mem_arena", "shared_arena"), ARENA_CHOICES[arena])) if arena else {}
 
 
 _SHARED_ARENA: list[bool] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Backend
-from .onnxruntime import OnnxRuntimeBackend
+from .onnxruntime import OnnxRuntimeBackend, arena_environment
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -31,6 +31,10 @@ def load_backend(name: str, export_dir: Path, providers: list[str] | None = None
                 raise BackendError(f"the TensorRT backend is unavailable: {exc}") from None
             raise BackendError(f"no usable TensorRT engines for {export_dir}: build them with "
                                f"`linfusion-build {export_dir}` on a machine with TensorRT")
+    try:
+        arena_environment()
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
     return OnnxRuntimeBackend(providers=providers, intra_op_threads=intra_op_threads,
                               provider_options=provider_options, io_binding=io_binding,
                               session_options=session_options)
