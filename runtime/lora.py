@@ -17,7 +17,6 @@ sessions holds the old ones in memory too until the last request that uses them 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import threading
@@ -148,9 +147,6 @@ def _component_weights(directory: Path, spec, mapping: dict[str, dict], updates)
     return {name: np.ascontiguousarray(value.astype(base[name].dtype)) for name, value in result.items()}
 
 
-RUNNER_CONFIG = ("session.use_env_allocators", "session.disable_prepacking", "session.intra_op.allow_spinning")
-
-
 def onnxruntime_runner(runner, directory: Path, spec, weights: dict[str, np.ndarray], restore: set[str]):
     """A new ONNX Runtime session of ``spec``'s model like ``runner``'s (options, providers), from the model
     with ``weights`` written in (``restore``, weights an earlier LoRA changed, come from the file anyway).
@@ -164,14 +160,7 @@ def onnxruntime_runner(runner, directory: Path, spec, weights: dict[str, np.ndar
 
     from .backends.onnxruntime import OnnxRuntimeRunner
 
-    old = runner.session.get_session_options()
-    options = ort.SessionOptions()
-    for attribute in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
-                      "execution_mode", "enable_cpu_mem_arena", "enable_mem_pattern", "log_severity_level"):
-        setattr(options, attribute, getattr(old, attribute))
-    for key in RUNNER_CONFIG:  # the runtime's session config entries (the shared arena, prepacking)
-        with contextlib.suppress(Exception):  # ORT raises when the entry was never set
-            options.add_session_config_entry(key, old.get_session_config_entry(key))
+    options = runner.new_options()  # the backend's settings: threads, arena, prepacking, graph level
     try:
         model, external = patched_model(Path(directory) / spec.path, weights)
     except OnnxReadError as exc:
@@ -183,7 +172,7 @@ def onnxruntime_runner(runner, directory: Path, spec, weights: dict[str, np.ndar
     providers = [(name, provider_options.get(name, {})) for name in runner.session.get_providers()]
     session = ort.InferenceSession(model, options, providers=providers)
     del external  # ORT copied what it needs
-    return OnnxRuntimeRunner(runner.name, runner.spec, session, runner.io_binding)
+    return OnnxRuntimeRunner(runner.name, runner.spec, session, runner.io_binding, runner.new_options)
 
 
 def install(pipe, update: LoraUpdate, rebuild: Callable | None = None) -> None:

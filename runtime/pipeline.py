@@ -121,7 +121,7 @@ class Pipeline:
                                 f"re-export the model") from exc
         pipe = cls(directory, manifest, runners, tokenizers, scheduler_config, chosen.name, deferred, memory_limit)
         pipe.cache = cache
-        if getattr(chosen, "shares_cpu_arena", lambda: False)():
+        if chosen.shares_cpu_arena():
             pipe.footprint = replace(pipe.footprint, shared_arena=True)
         if update is not None:
             lora.install(pipe, update)

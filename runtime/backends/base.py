@@ -92,3 +92,8 @@ class Backend(ABC):
     @abstractmethod
     def load(self, export_dir: Path, component: str, spec: ComponentSpec) -> ModelRunner:
         """Load one component (session or engine); called once per component per pipeline."""
+
+    def shares_cpu_arena(self) -> bool:
+        """Whether the components share one host memory arena (the memory guard then counts the
+        largest stage, not the sum)."""
+        return False

@@ -15,9 +15,11 @@ shapes and addresses; ``enable_cuda_graph=1`` may be tried for fixed-size servic
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +94,12 @@ def provider_list(providers: list[str], options: dict[str, dict[str, Any]] | Non
 
 
 class OnnxRuntimeRunner(ModelRunner):
-    def __init__(self, name: str, spec: ComponentSpec, session, io_binding: bool = True) -> None:
+    def __init__(self, name: str, spec: ComponentSpec, session, io_binding: bool = True,
+                 new_options: Callable[[], Any] | None = None) -> None:
         super().__init__(name, spec)
         self.session = session
+        self.new_options = new_options
+        """Fresh SessionOptions as this session's were made (a LoRA swap builds its session with them)."""
         provider = session.get_providers()[0]
         self.device = DEVICE_OF_PROVIDER.get(provider, "cpu")
         self.device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
@@ -189,9 +194,9 @@ class OnnxRuntimeBackend(Backend):
         """The session settings of a component of this kind."""
         return {**SESSION_DEFAULTS, **COMPONENT_SETTINGS.get(kind, {}), **arena_environment(), **self.session_options}
 
-    def shares_cpu_arena(self) -> bool:
-        """Whether the sessions share one CPU arena (what the memory guard assumes of their peaks)."""
-        settings = self.settings("unet")
+    def shares_cpu_arena(self, settings: dict[str, Any] | None = None) -> bool:
+        """Whether the sessions (made with ``settings``, default the UNet's) share one CPU arena."""
+        settings = self.settings("unet") if settings is None else settings
         return bool(settings["enable_cpu_mem_arena"] and settings.get("shared_arena")) and shared_cpu_arena()
 
     def _options(self, settings: dict[str, Any], cached: bool = False, save_to: Path | None = None):
@@ -205,7 +210,7 @@ class OnnxRuntimeBackend(Backend):
         options.enable_cpu_mem_arena = bool(settings["enable_cpu_mem_arena"])
         for key, value in settings["config"].items():
             options.add_session_config_entry(key, str(value))
-        if settings["enable_cpu_mem_arena"] and settings.get("shared_arena") and shared_cpu_arena():
+        if self.shares_cpu_arena(settings):
             options.add_session_config_entry("session.use_env_allocators", "1")
         if save_to is not None:
             options.optimized_model_filepath = str(save_to / model_cache.MODEL)
@@ -237,7 +242,8 @@ class OnnxRuntimeBackend(Backend):
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (InvalidProtobuf, ...)
                 raise ManifestError(f"ONNX Runtime cannot load {component} ({path}): {_first_line(exc)}; the file "
                                     f"may be damaged: check it without --no-verify / verify=False, or re-export") from None
-        return OnnxRuntimeRunner(component, spec, session, self.io_binding)
+        return OnnxRuntimeRunner(component, spec, session, self.io_binding,
+                                 functools.partial(self._options, settings))
 
     def _cached_session(self, component: str, spec: ComponentSpec, path: Path, providers: list,
                         settings: dict[str, Any]):
