@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.directory:
         return child(args)
     exports = dict(item.split("=", 1) for item in args.export)
-    rows = json.loads(args.output.read_text())["rows"] if args.append and args.output.is_file() else []
+    previous = json.loads(args.output.read_text()) if args.append and args.output.is_file() else {}
+    rows = previous.get("rows", [])
     for row in rows:  # stored rows: a fresh footprint while their export is at hand, and the current model
         if "ru_maxrss_mib" not in row:  # rows measured before the VmHWM peak
             with_peak(row, row["peak_rss_mib"])
@@ -221,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: (r["model"] != "tiny", r["model"], r["side"], r["batch"], r["steps"], r["cfg"]))
     from importlib import metadata
 
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    # Measured by: the commands that measured the rows; a run without --cases only re-estimates them.
+    measured_by = previous.get("measured_by", [previous["command"]] if "command" in previous else [])
     record = {"study": "memory_guard", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+              "command": command, "measured_by": measured_by + ([command] if args.cases else []),
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gib": round(meminfo_kib("MemTotal") / 2**20, 1),
                           "onnxruntime": metadata.version("onnxruntime"), "numpy": metadata.version("numpy")},
               "rows": rows}
