@@ -35,19 +35,24 @@ def attached(preset):
 
 
 @pytest.fixture(scope="module")
-def cn_export(tmp_path_factory):
-    """One ControlNet export per preset (no VAE encoder: ControlNet img2img is not supported)."""
-    from linfusion.export.exporter import available_components, export_pipeline
+def cn_export(exported, tmp_path_factory):
+    """One ControlNet export per preset (no VAE encoder: ControlNet img2img is not supported). Its UNet
+    and ControlNets are exported here; the text encoders and VAE decoder come from the session's
+    export of the preset, which has the same weights (checked)."""
+    from linfusion.export.exporter import available_components
+    from partial_export import export_onto, same_weights
 
     cache = {}
 
     def get(preset):
         if preset not in cache:
             loaded = attached(preset)
-            names = [n for n in available_components(loaded.is_xl, CONTROLNETS[preset]) if n != "vae_encoder"]
-            out = tmp_path_factory.mktemp("controlnet") / preset
-            manifest = export_pipeline(loaded, out, components=names, progress=lambda line: None)
-            cache[preset] = (out, manifest)
+            same_weights(loaded.pipeline, load_pipeline(preset).pipeline)
+            names = [n for n in available_components(loaded.is_xl, CONTROLNETS[preset])
+                     if n == "unet" or n.startswith("controlnet")]
+            tmp = tmp_path_factory.mktemp("controlnet")
+            manifest = export_onto(exported(preset), loaded, names, tmp / preset, tmp, drop=("vae_encoder",))
+            cache[preset] = (tmp / preset, manifest)
         return cache[preset]
 
     return get
