@@ -84,14 +84,8 @@ def applied(root: nn.Module, windows: dict[str, int]) -> Iterator[int]:
         if not active or active[-1] == 1 or attn_mask is not None or is_causal or dropout_p:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)
-        k = active[-1]
-        *lead, tokens, depth = query.shape
-        rows = (tokens + k - 1) // k  # queries per window; the last is padded with zero queries
-        padded = F.pad(query, (0, 0, 0, rows * k - tokens)).reshape(*lead, k, rows, depth)
-        # windows by constant index: one symbolic reshape instead of k symbolic slices, which tracing
-        # reasons about one by one (0.75 s each)
-        parts = [original(padded.select(-3, i), key, value, scale=scale, **kwargs) for i in range(k)]
-        return torch.stack(parts, dim=-3).reshape(*lead, rows * k, value.shape[-1])[..., :tokens, :]
+        return chunking.over_windows(query, active[-1],
+                                     lambda window: original(window, key, value, scale=scale, **kwargs))
 
     def entering(forward: Callable, k: int) -> Callable:
         def call(*args, **kwargs):

@@ -204,17 +204,23 @@ def chunkable(root: nn.Module) -> list[str]:
     return found
 
 
+def over_windows(x: torch.Tensor, k: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` on ``k`` windows of the token axis of ``x`` (``(*lead, tokens, channels)``), concatenated:
+    ``x`` is padded with zero tokens to a multiple of ``k``, viewed as ``k`` windows taken by constant
+    index, and the padding's output is dropped. One symbolic reshape, where ``k`` symbolic slices made
+    tracing ~10 s slower per window; never empty (at tokens < k a window is one token)."""
+    *lead, tokens, channels = x.shape
+    rows = (tokens + k - 1) // k
+    windows = F.pad(x, (0, 0, 0, rows * k - tokens)).reshape(*lead, k, rows, channels)
+    out = torch.stack([fn(windows.select(-3, i)) for i in range(k)], dim=-3)
+    return out.reshape(*lead, rows * k, out.shape[-1])[..., :tokens, :]
+
+
 def _token_windows(forward: Callable, chunks: int) -> Callable:
     def chunked(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if hidden_states.dim() != 3:
             return forward(hidden_states, *args, **kwargs)
-        batch, tokens, channels = hidden_states.shape
-        rows = (tokens + chunks - 1) // chunks  # tokens per window; the last padded with zero tokens
-        windows = F.pad(hidden_states, (0, 0, 0, rows * chunks - tokens)).reshape(batch, chunks, rows, channels)
-        # windows by constant index: one symbolic reshape, where k symbolic slices made tracing ~10 s slower
-        # per window; never empty (at tokens < chunks a window is one token, the padding's output dropped)
-        out = torch.stack([forward(windows.select(1, i), *args, **kwargs) for i in range(chunks)], dim=1)
-        return out.reshape(batch, rows * chunks, out.shape[-1])[:, :tokens]
+        return over_windows(hidden_states, chunks, lambda window: forward(window, *args, **kwargs))
 
     return chunked
 
